@@ -1,0 +1,63 @@
+"""RecBole ``Config`` that knows the plugin's models and yaml properties.
+
+Internal yaml is layered as RecBole's own (overall, model, sample, dataset, quick-start by model
+type) followed by ours: ``properties/overall.yaml``, ``properties/dataset/<dataset>.yaml``,
+``properties/model/<Model>.yaml``. Model yaml comes last among ours because a model's needs (e.g.
+raw ratings for MetaLLMRec) must beat dataset defaults. Everything internal stays below the user's
+config files, ``config_dict`` and ``--key=value`` command-line arguments, exactly as in RecBole.
+"""
+import os
+
+from recbole.config import Config as RecBoleConfig
+
+from recbole_llm import PROPERTIES_DIR, SHIPPED_DATASETS_DIR
+
+
+class Config(RecBoleConfig):
+    def _get_model_and_dataset(self, model, dataset):
+        from recbole_llm.utils import get_model
+
+        if model is None:
+            model = self.external_config_dict.get("model")
+            if model is None:
+                raise KeyError(
+                    "model must be given in one of: the model argument, a config file, "
+                    "config_dict or the command line (--model=...)"
+                )
+        if isinstance(model, str):
+            model_name, model_class = model, get_model(model)
+        else:
+            model_name, model_class = model.__name__, model
+
+        if dataset is None:
+            dataset = self.external_config_dict.get("dataset")
+            if dataset is None:
+                raise KeyError(
+                    "dataset must be given in one of: the dataset argument, a config file, "
+                    "config_dict or the command line (--dataset=...)"
+                )
+        return model_name, model_class, dataset
+
+    def _load_internal_config_dict(self, model, model_class, dataset):
+        super()._load_internal_config_dict(model, model_class, dataset)
+        overall = PROPERTIES_DIR / "overall.yaml"
+        dataset_file = PROPERTIES_DIR / "dataset" / f"{dataset}.yaml"
+        model_file = PROPERTIES_DIR / "model" / f"{model}.yaml"
+        for path in (overall, dataset_file, model_file):
+            if not path.is_file():
+                continue
+            loaded = self._update_internal_config_dict(str(path)) or {}
+            if path == dataset_file:
+                # Dataset keys take part in RecBole's logging and dataset-cache comparison.
+                self.parameters["Dataset"] += [
+                    key for key in loaded if key not in self.parameters["Dataset"]
+                ]
+
+    def _set_default_parameters(self):
+        super()._set_default_parameters()
+        # Datasets shipped inside the plugin (dataset/<name>/) are found wherever the user runs from,
+        # the way RecBole finds its bundled ml-100k; a folder under the user's data_path wins.
+        data_path = self.final_config_dict["data_path"]
+        shipped = SHIPPED_DATASETS_DIR / self.dataset
+        if not os.path.isdir(data_path) and shipped.is_dir():
+            self.final_config_dict["data_path"] = str(shipped)

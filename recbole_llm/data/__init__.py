@@ -1,0 +1,1 @@
+"""Datasets, text side information, scenarios and task construction."""

@@ -1,0 +1,1 @@
+"""Model classes: model ``Foo`` is class ``Foo`` in ``recbole_llm/model/foo.py``."""

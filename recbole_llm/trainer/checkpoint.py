@@ -1,0 +1,80 @@
+"""Checkpoint loading that works on torch >= 2.6 for every RecBole trainer.
+
+RecBole checkpoints pickle the whole ``Config``; ``torch.load`` now defaults to
+``weights_only=True`` and refuses them, so ``evaluate(load_best_model=True)`` and
+``resume_checkpoint`` crash. Our checkpoints are our own files, so we load them with
+``weights_only=False``. The fix is a mixin applied to any trainer class, RecBole's included.
+"""
+import os
+
+import torch
+
+_SAFE_CLASSES = {}
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a RecBole-style checkpoint written by this project (trusted: may contain pickles)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint file not found: {path}") from None
+    except Exception as error:  # truncated or not a torch file
+        raise RuntimeError(f"cannot read checkpoint {path}: {error}") from error
+
+
+class CheckpointSafeMixin:
+    def _load_best_into_model(self, model_file):
+        checkpoint_file = model_file or self.saved_model_file
+        checkpoint = load_checkpoint(checkpoint_file, self.device)
+        self.model.load_state_dict(checkpoint["state_dict"])
+        self.model.load_other_parameter(checkpoint.get("other_parameter"))
+        self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
+
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        if eval_data and load_best_model:
+            self._load_best_into_model(model_file)
+        return super().evaluate(
+            eval_data, load_best_model=False, model_file=model_file, show_progress=show_progress
+        )
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        # Written next to the target and renamed, so a crash mid-save never leaves a truncated
+        # "best" checkpoint behind.
+        target = kwargs.pop("saved_model_file", self.saved_model_file)
+        partial = f"{target}.partial"
+        super()._save_checkpoint(epoch, verbose=False, saved_model_file=partial, **kwargs)
+        os.replace(partial, target)
+        if verbose:
+            self.logger.info(f"Saving current: {target}")
+
+    def resume_checkpoint(self, resume_file):
+        original_load = torch.load
+
+        def trusted_load(*args, **kwargs):
+            kwargs["weights_only"] = False
+            return original_load(*args, **kwargs)
+
+        # RecBole's resume_checkpoint restores epoch, optimizer and best score as well; reuse it
+        # with the one argument it gets wrong.
+        torch.load = trusted_load
+        try:
+            return super().resume_checkpoint(resume_file)
+        finally:
+            torch.load = original_load
+
+
+def checkpoint_safe(trainer_class):
+    """``trainer_class`` with checkpoint loading fixed; the class keeps its name for RecBole's logs.
+
+    Decision-tree trainers (xgboost/lightgbm) keep their own file formats and are returned as is.
+    """
+    from recbole.trainer import DecisionTreeTrainer
+
+    if issubclass(trainer_class, (CheckpointSafeMixin, DecisionTreeTrainer)):
+        return trainer_class
+    if trainer_class not in _SAFE_CLASSES:
+        _SAFE_CLASSES[trainer_class] = type(
+            trainer_class.__name__, (CheckpointSafeMixin, trainer_class),
+            {"__doc__": trainer_class.__doc__, "__module__": trainer_class.__module__},
+        )
+    return _SAFE_CLASSES[trainer_class]
