@@ -203,6 +203,11 @@ def _dequantised_copy(resolved):
     tokenizer = AutoTokenizer.from_pretrained(resolved.path, gguf_file=resolved.gguf_file)
     model = AutoModelForCausalLM.from_pretrained(
         resolved.path, gguf_file=resolved.gguf_file, dtype=torch.float32)
+    # Without GGUF matmul kernels transformers dequantises every weight but still marks the model
+    # as quantized, which blocks save_pretrained; the weights are plain tensors, so unmark it.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
