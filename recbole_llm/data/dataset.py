@@ -15,6 +15,7 @@ from logging import getLogger
 import recbole.data
 import recbole.data.dataset as recbole_datasets
 import torch
+from recbole.data.interaction import Interaction
 from recbole.utils.argument_list import dataset_arguments
 from recbole.utils.url import download_url, extract_zip, rename_atomic_files
 
@@ -111,3 +112,66 @@ def load_saved_dataset(config, dataset_class):
             return None
     getLogger().info(f"Load filtered dataset from: [{file}]")
     return dataset
+
+
+class MetaLLMRecDataset(PluginDatasetMixin, recbole_datasets.Dataset):
+    """Episodic tasks for meta-learned rating prediction (``recbole_llm/data/episodes.py``).
+
+    The attribute fields named by ``meta_user_fields`` / ``meta_item_fields`` (MeLU's inputs, the
+    item year used for cold items) are added to ``load_col``, so one dataset yaml serves every
+    model. Loaders: meta-train / validation / test tasks of warm users on warm items; the four
+    scenario test loaders come from ``evaluation_loaders``.
+    """
+
+    def _get_load_and_unload_col(self, source):
+        load_col, unload_col = super()._get_load_and_unload_col(source)
+        source = getattr(source, "value", source)
+        extra = {"user": self.config["meta_user_fields"], "item": self.config["meta_item_fields"]}.get(source)
+        if load_col is not None and extra:
+            id_field = self.config["USER_ID_FIELD"] if source == "user" else self.config["ITEM_ID_FIELD"]
+            load_col = set(load_col) | set(extra) | {id_field}
+        return load_col, unload_col
+
+    @property
+    def episodes(self):
+        if getattr(self, "_episodes", None) is None:
+            from recbole_llm.data.episodes import build_episodes
+
+            if not isinstance(self.inter_feat, Interaction):
+                self._change_feat_format()  # what RecBole's build() does first: DataFrames -> Interactions
+            self._episodes = build_episodes(self)
+        return self._episodes
+
+    def train_rating_mean(self):
+        """Mean rating over the meta-training tasks (start of the estimator's output bias)."""
+        from recbole_llm.data.episodes import TRAIN
+
+        ratings = [torch.cat([t.support_ratings, t.query_ratings]) for t in self.episodes[TRAIN]]
+        return float(torch.cat(ratings).mean())
+
+    def prepare_dataloaders(self, config):
+        from recbole_llm.data.episodes import TEST, TRAIN, VALID, TaskDataLoader
+
+        episodes = self.episodes
+        return (
+            TaskDataLoader(config, self, episodes[TRAIN], shuffle=config["shuffle"]),
+            TaskDataLoader(config, self, episodes[VALID]),
+            TaskDataLoader(config, self, episodes[TEST]),
+        )
+
+    def evaluation_loaders(self, config, test_loader):
+        """The warm-warm test loader and one loader per scenario (``episodes.SCENARIOS``)."""
+        from recbole_llm.data.episodes import SCENARIOS, TaskDataLoader
+
+        groups = {}
+        for name in SCENARIOS:
+            tasks = self.episodes[name]
+            if tasks:
+                groups[name] = TaskDataLoader(config, self, tasks)
+            else:
+                getLogger().warning(f"Scenario [{name}] has no task; skipped.")
+        return test_loader, groups
+
+
+class MeLUDataset(MetaLLMRecDataset):
+    """MeLU runs on exactly the episodes of MetaLLMRec."""

@@ -1,0 +1,151 @@
+"""MAML-trained user preference estimator shared by MetaLLMRec and MeLU.
+
+A subclass defines ``features(users, items)``: the global-only input representation of each
+(user, item) pair (MeLU: attribute embeddings; MetaLLMRec: projected frozen text embeddings).
+The shared part is the rating estimator, an MLP ``[in] -> mlp_hidden_size -> 1`` with ReLU, and
+its local adaptation:
+
+* for a task, the estimator is adapted on the support set with ``local_update`` plain SGD steps
+  of size ``local_lr`` (the features and the rest of the model stay global, as in MeLU);
+* training (MAML) differentiates the query loss of the adapted estimator with respect to the
+  initial weights and the feature parameters; second order by default, ``first_order: True``
+  drops the second-order terms (the inner gradients are treated as constants);
+* evaluation adapts a detached copy: the meta-parameters are never changed.
+
+Two interchangeable backends run the inner loop (``meta_backend``): ``higher`` (functional
+copies via ``higher.innerloop_ctx`` with ``copy_initial_weights=False``, otherwise the initial
+weights get no gradient) and ``func`` (``torch.func.functional_call`` and a hand-written SGD
+step), a fallback that needs nothing but torch. They compute the same function.
+
+Loss (inner and outer): ``loss_type: L1`` (the paper's) or ``MSE`` (MeLU's).
+The output bias starts at the mean meta-training rating, so the untrained model predicts the
+global mean rather than 0.
+"""
+import torch
+from recbole.model.abstract_recommender import GeneralRecommender
+from recbole.utils import InputType, ModelType
+from torch import nn
+from torch.func import functional_call
+
+BACKENDS = ("higher", "func")
+LOSSES = {"L1": nn.functional.l1_loss, "MSE": nn.functional.mse_loss}
+
+
+def _detach_grads(grads):
+    return [g.detach() if g is not None else None for g in grads]
+
+
+class MetaEstimator(GeneralRecommender):
+    type = ModelType.GENERAL
+    input_type = InputType.POINTWISE
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.local_lr = float(config["local_lr"])
+        self.local_update = int(config["local_update"])
+        self.local_update_eval = int(
+            config["local_update_eval"] if config["local_update_eval"] is not None else self.local_update)
+        self.first_order = bool(config["first_order"])
+        self.meta_backend = config["meta_backend"] or "higher"
+        if self.meta_backend not in BACKENDS:
+            raise ValueError(f"meta_backend must be one of {BACKENDS}, got {self.meta_backend!r}")
+        loss_type = (config["loss_type"] or "L1").upper()
+        if loss_type not in LOSSES:
+            raise ValueError(f"loss_type must be one of {sorted(LOSSES)} for {type(self).__name__}, got {loss_type!r}")
+        self.loss_fn = LOSSES[loss_type]
+        self.rating_mean = dataset.train_rating_mean() if hasattr(dataset, "train_rating_mean") else 0.0
+
+    def build_estimator(self, in_dim, hidden_sizes):
+        """The locally adapted MLP; its output bias starts at the mean training rating."""
+        layers, dims = [], [in_dim] + list(hidden_sizes)
+        for d_in, d_out in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(d_in, d_out), nn.ReLU()]
+        out = nn.Linear(dims[-1], 1)
+        layers.append(out)
+        self.estimator = nn.Sequential(*layers)
+        with torch.no_grad():
+            out.bias.fill_(self.rating_mean)
+
+    def features(self, users, items):
+        """[n, in_dim] global input of the estimator for (user, item) pairs (subclasses)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------
+    # local adaptation
+
+    def adapted_predict(self, x_support, y_support, x_query, steps, track_meta_grads):
+        """Query predictions of the estimator after ``steps`` SGD steps on the support set.
+
+        With ``track_meta_grads`` the result is differentiable with respect to the estimator's
+        initial weights (and whatever ``x_*`` depend on); without, it is computed on a detached
+        copy and returned detached.
+        """
+        if self.meta_backend == "higher":
+            return self._adapt_higher(x_support, y_support, x_query, steps, track_meta_grads)
+        return self._adapt_func(x_support, y_support, x_query, steps, track_meta_grads)
+
+    def _adapt_higher(self, x_s, y_s, x_q, steps, track):
+        import higher
+
+        inner_opt = torch.optim.SGD(self.estimator.parameters(), lr=self.local_lr)
+        callback = _detach_grads if self.first_order else None
+        with higher.innerloop_ctx(self.estimator, inner_opt, copy_initial_weights=False,
+                                  track_higher_grads=track) as (fmodel, diffopt):
+            for _ in range(steps):
+                diffopt.step(self.loss_fn(fmodel(x_s).squeeze(-1), y_s), grad_callback=callback)
+            out = fmodel(x_q).squeeze(-1)
+        return out if track else out.detach()
+
+    def _adapt_func(self, x_s, y_s, x_q, steps, track):
+        params = dict(self.estimator.named_parameters())
+        if not track:
+            params = {k: p.detach().requires_grad_(True) for k, p in params.items()}
+        create_graph = track and not self.first_order
+        for _ in range(steps):
+            loss = self.loss_fn(functional_call(self.estimator, params, (x_s,)).squeeze(-1), y_s)
+            grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
+            if not track:
+                grads = _detach_grads(grads)
+            params = {k: p - self.local_lr * g for (k, p), g in zip(params.items(), grads)}
+            if not track:
+                params = {k: p.detach().requires_grad_(True) for k, p in params.items()}
+        out = functional_call(self.estimator, params, (x_q,)).squeeze(-1)
+        return out if track else out.detach()
+
+    # ------------------------------------------------------------------------------------------
+    # tasks
+
+    def _task_tensors(self, task):
+        device = self.device
+        users_s = torch.full_like(task.support_items, task.user).to(device)
+        users_q = torch.full_like(task.query_items, task.user).to(device)
+        return (users_s, task.support_items.to(device), task.support_ratings.to(device),
+                users_q, task.query_items.to(device))
+
+    def calculate_loss(self, task):
+        """MAML query loss of one ``episodes.Task`` (differentiable w.r.t. all meta-parameters)."""
+        users_s, items_s, y_s, users_q, items_q = self._task_tensors(task)
+        x_s, x_q = self.features(users_s, items_s), self.features(users_q, items_q)
+        pred = self.adapted_predict(x_s, y_s, x_q, self.local_update, track_meta_grads=True)
+        return self.loss_fn(pred, task.query_ratings.to(self.device))
+
+    def adapt_and_predict(self, task):
+        """Query ratings predicted after adapting on the task's support set (meta weights kept)."""
+        users_s, items_s, y_s, users_q, items_q = self._task_tensors(task)
+        with torch.enable_grad():
+            x_s = self.features(users_s, items_s).detach()
+            x_q = self.features(users_q, items_q).detach()
+            return self.adapted_predict(x_s, y_s, x_q, self.local_update_eval, track_meta_grads=False)
+
+    def predict(self, interaction):
+        """Ratings of the un-adapted (global) estimator for the pairs of an Interaction."""
+        users, items = interaction[self.USER_ID], interaction[self.ITEM_ID]
+        return self.estimator(self.features(users, items)).squeeze(-1)
+
+    def full_sort_predict(self, interaction):
+        """Un-adapted ratings of every item for each user, [batch * n_items]."""
+        users = interaction[self.USER_ID]
+        all_items = torch.arange(self.n_items, device=users.device)
+        pairs_u = users.repeat_interleave(self.n_items)
+        pairs_i = all_items.repeat(len(users))
+        return self.estimator(self.features(pairs_u, pairs_i)).squeeze(-1)

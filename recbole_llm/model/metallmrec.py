@@ -1,0 +1,51 @@
+"""MetaLLMRec (LLM-MetaRec): MeLU's estimator fed with frozen LLM embeddings of attribute text.
+
+User and item attributes are rendered as text from the dataset's templates (``meta_user_text_key``
+/ ``meta_item_text_key`` name the template keys, e.g. "The title of the movie is ... The genres
+are ..."), embedded once by ``text_source`` (``encoder``: the sentence encoder ``text_encoder``;
+``llm``: mean-pooled last hidden states of the causal LLM ``llm``) and cached on disk
+(``recbole_llm/llm/encoder.py``). The embeddings are frozen, non-persistent buffers: they stay
+out of the optimizer and of checkpoints and are recomputed (from the cache) when a model is built.
+
+Features of a pair are ``[item_proj(e_item) ; user_proj(e_user)]`` with two global linear
+projections (``proj_dim``; 0 feeds the raw embeddings); the MLP estimator on top is adapted per
+user with MAML (``meta_estimator.MetaEstimator``). The paper does not give the projection size,
+the MLP sizes or the learning rates; the defaults in ``properties/model/MetaLLMRec.yaml`` are ours.
+"""
+import torch
+from torch import nn
+
+from recbole_llm.data.text import TextSideInformation
+from recbole_llm.llm.encoder import embed_from_config
+from recbole_llm.model.meta_estimator import MetaEstimator
+
+TEXT_SOURCES = {"encoder": "text_encoder", "llm": "llm"}
+
+
+class MetaLLMRec(MetaEstimator):
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        source = config["text_source"] or "encoder"
+        if source not in TEXT_SOURCES:
+            raise ValueError(f"text_source must be one of {sorted(TEXT_SOURCES)}, got {source!r}")
+        side = TextSideInformation(config, dataset)
+        for kind in ("user", "item"):
+            key = config[f"meta_{kind}_text_key"] or f"{kind}_text_template"
+            if config[key] is None:
+                key = f"{kind}_text_template"  # the dataset has no MetaLLMRec-specific template
+            texts = side.texts(kind, key)
+            embeddings = embed_from_config(config, texts[1:], namespace="metallmrec", encoder_key=TEXT_SOURCES[source])
+            table = torch.cat([torch.zeros(1, embeddings.shape[1]), embeddings.float()])
+            self.register_buffer(f"{kind}_text", table.to(self.device), persistent=False)
+        text_dim = self.item_text.shape[1]
+        proj_dim = int(config["proj_dim"])
+        if proj_dim > 0:
+            self.user_proj, self.item_proj = nn.Linear(text_dim, proj_dim), nn.Linear(text_dim, proj_dim)
+            in_dim = 2 * proj_dim
+        else:
+            self.user_proj = self.item_proj = nn.Identity()
+            in_dim = 2 * text_dim
+        self.build_estimator(in_dim, config["mlp_hidden_size"])
+
+    def features(self, users, items):
+        return torch.cat([self.item_proj(self.item_text[items]), self.user_proj(self.user_text[users])], dim=-1)
