@@ -1,0 +1,153 @@
+"""MetaLLMRec / MeLU: episodes, MAML gradients, backends, evaluation, nDCG@3, CLI path (tiny data)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from recbole_llm.config import Config
+from recbole_llm.data.episodes import SCENARIOS, TEST, TRAIN, VALID
+from recbole_llm.quick_start import objective_function
+from recbole_llm.trainer.metallmrec import graded_ndcg
+from recbole_llm.utils import create_dataset, data_preparation, get_model, get_trainer
+from tests.conftest import ML_TINY_YAML, tiny_config
+
+META_KEYS = dict(
+    meta_user_fields=["age", "gender", "occupation"],
+    meta_item_fields=["release_year", "class"],
+    meta_args={"query_num": 10, "min_inter": 13, "max_inter": 100, "valid_test_ratio": [0.2, 0.2]},
+    meta_scenario_args={"item_cold_by": "year", "item_year_field": "release_year",
+                        "item_cold_from_year": 1996, "user_cold_ratio": 0.3},
+    torch_threads=1, epochs=1, train_batch_size=4, proj_dim=8, embedding_size=8, mlp_hidden_size=[16, 16],
+)
+
+
+def build(model="MetaLLMRec", **overrides):
+    config = Config(model=model, dataset="ml-tiny", config_file_list=[ML_TINY_YAML],
+                    config_dict=tiny_config(**{**META_KEYS, **overrides}))
+    dataset = create_dataset(config)
+    train, valid, test = data_preparation(config, dataset)
+    torch.manual_seed(0)
+    model_obj = get_model(model)(config, dataset)
+    return config, dataset, model_obj, (train, valid, test)
+
+
+def test_graded_ndcg_matches_hand_computed_example():
+    # predicted 4.5 for items 7 and 2 (tie: item 2 first), 3.0 for item 3, 2.0 for item 9
+    predicted, true, items = [4.5, 3.0, 4.5, 2.0], [3, 5, 4, 1], [7, 3, 2, 9]
+    # ranking: item 2 (r=4), item 7 (r=3), item 3 (r=5); ideal: 5, 4, 3
+    dcg = (2 ** 4 - 1) / 1 + (2 ** 3 - 1) / math.log2(3) + (2 ** 5 - 1) / 2
+    idcg = (2 ** 5 - 1) / 1 + (2 ** 4 - 1) / math.log2(3) + (2 ** 3 - 1) / 2
+    assert graded_ndcg(predicted, true, items, k=3) == pytest.approx(dcg / idcg)
+    assert graded_ndcg(true, true, items, k=3) == pytest.approx(1.0)
+    assert graded_ndcg([1, 1, 1], [1, 2, 3], [3, 2, 1], k=3) == pytest.approx(1.0)  # ties -> item id order
+    assert graded_ndcg([1, 1, 1], [1, 2, 3], [1, 2, 3], k=3) < 1.0
+
+
+def test_episodes_follow_the_protocol():
+    config, dataset, _, loaders = build("MeLU")
+    episodes = dataset.episodes
+    assert {TRAIN, VALID, TEST, *SCENARIOS} <= set(episodes)
+    users = {name: {t.user for t in tasks} for name, tasks in episodes.items()}
+    assert not users[TRAIN] & users[VALID] and not users[TRAIN] & users[TEST] and not users[VALID] & users[TEST]
+    assert all(episodes[name] for name in SCENARIOS), {name: len(episodes[name]) for name in SCENARIOS}
+
+    years = dataset.field2id_token["release_year"][dataset.item_feat["release_year"].numpy()]
+    cold_item = {i for i, y in enumerate(years) if i > 0 and y.isdigit() and int(y) >= 1996}
+    cold_user_tasks = users["cold_user_warm_item"] | users["cold_user_cold_item"]
+    assert not cold_user_tasks & (users[TRAIN] | users[VALID] | users[TEST] | users["warm_user_cold_item"])
+    for name, tasks in episodes.items():
+        for task in tasks:
+            assert len(task.query_items) == 10 and 13 <= len(task.query_items) + len(task.support_items) <= 100
+            assert not set(task.query_items.tolist()) & set(task.support_items.tolist())
+            items = set(task.query_items.tolist()) | set(task.support_items.tolist())
+            assert items <= cold_item if name.endswith("cold_item") else not items & cold_item
+            rows = torch.cat([task.support_rows, task.query_rows])
+            assert (dataset.inter_feat[dataset.uid_field][rows] == task.user).all()
+    assert len(loaders[0]) == math.ceil(len(episodes[TRAIN]) / 4)  # meta-batches of train_batch_size tasks
+
+    same = build("MeLU")[1].episodes
+    other = build("MeLU", meta_split_seed=7)[1].episodes
+    first = lambda eps: [t.query_items.tolist() for t in eps[TRAIN]]  # noqa: E731
+    assert first(same) == first(episodes) and first(other) != first(episodes)
+
+
+def test_k_fold_cold_users_partition_users():
+    folds = [build("MeLU", meta_scenario_args={**META_KEYS["meta_scenario_args"], "user_cold_folds": 3,
+                                              "user_cold_fold": k})[1] for k in range(3)]
+    from recbole_llm.data.episodes import cold_users
+
+    all_users = np.unique(folds[0].inter_feat["user_id"].numpy())
+    cold = [set(cold_users(ds.config, all_users, {**ds.config["meta_scenario_args"], "user_cold_ratio": 0}).tolist())
+            for ds in folds]
+    assert set().union(*cold) == set(all_users.tolist()) and sum(map(len, cold)) == len(all_users)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_meta_gradients_reach_every_meta_parameter(first_order):
+    _, dataset, model, _ = build(first_order=first_order)
+    model.calculate_loss(dataset.episodes[TRAIN][0]).backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    assert "user_text" not in model.state_dict() and "item_text" not in model.state_dict()
+
+
+@pytest.mark.parametrize("model_name", ["MetaLLMRec", "MeLU"])
+def test_higher_and_func_backends_agree(model_name):
+    _, dataset, model, _ = build(model_name, local_update=3)
+    task = dataset.episodes[TRAIN][0]
+    for first_order in (False, True):
+        model.first_order = first_order
+        results = {}
+        for backend in ("higher", "func"):
+            model.meta_backend = backend
+            model.zero_grad()
+            model.calculate_loss(task).backward()
+            grads = [p.grad.clone() for p in model.parameters()]
+            results[backend] = (model.adapt_and_predict(task), grads)
+        assert torch.allclose(results["higher"][0], results["func"][0], atol=1e-5)
+        for g_higher, g_func in zip(results["higher"][1], results["func"][1]):
+            assert torch.allclose(g_higher, g_func, atol=1e-5)
+        results_by_order = results
+    # first- and second-order meta-gradients differ (the second-order terms are real)
+    model.first_order = False
+    model.zero_grad()
+    model.calculate_loss(task).backward()
+    second = [p.grad.clone() for p in model.estimator.parameters()]
+    assert any(not torch.allclose(a, b) for a, b in zip(second, results_by_order["higher"][1][-len(second):]))
+
+
+def test_evaluation_adapts_but_keeps_meta_weights():
+    config, dataset, model, (_, valid, _) = build()
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = trainer.evaluate(valid, load_best_model=False)
+    assert set(result) == {"mae", "ndcg@3"} and 0 < result["mae"] < 4 and 0 < result["ndcg@3"] <= 1
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    task = dataset.episodes[VALID][0]
+    interaction = {model.USER_ID: torch.full_like(task.query_items, task.user), model.ITEM_ID: task.query_items}
+    unadapted = model.predict(interaction).detach()
+    assert not torch.allclose(model.adapt_and_predict(task), unadapted)
+
+
+def test_output_bias_starts_at_mean_training_rating():
+    _, dataset, model, _ = build("MeLU")
+    assert model.estimator[-1].bias.item() == pytest.approx(dataset.train_rating_mean())
+    assert 3.0 < dataset.train_rating_mean() < 4.5
+
+
+@pytest.mark.parametrize("model_name", ["MetaLLMRec", "MeLU"])
+def test_objective_function_runs_all_scenarios(model_name):
+    config = tiny_config(model=model_name, **{**META_KEYS, "epochs": 2})
+    result = objective_function(config_dict=config, config_file_list=[ML_TINY_YAML])
+    assert set(result["group_results"]) == set(SCENARIOS)
+    for values in result["group_results"].values():
+        assert set(values) == {"mae", "ndcg@3"} and math.isfinite(values["mae"])
+    assert result["group_results"]["warm_user_warm_item"] == result["test_result"]
+    assert result["valid_score_bigger"] is False
+
+
+def test_bad_scenario_key_is_named():
+    with pytest.raises(ValueError, match="item_cold_year"):
+        build("MeLU", meta_scenario_args={"item_cold_year": 1997})
