@@ -149,6 +149,30 @@ class MetaLLMRecDataset(PluginDatasetMixin, recbole_datasets.Dataset):
         ratings = [torch.cat([t.support_ratings, t.query_ratings]) for t in self.episodes[TRAIN]]
         return float(torch.cat(ratings).mean())
 
+    def rating_range(self):
+        ratings = self.inter_feat[self.config["RATING_FIELD"]]
+        return float(ratings.min()), float(ratings.max())
+
+    def rating_baseline_data(self, include_support=True):
+        """Training rows for a non-meta rating model (e.g. RecBole's WideDeep), as a dataset copy.
+
+        Rows: every rating of the meta-training tasks and, with ``include_support``, the support
+        sets of all validation, test and scenario tasks (what such a model can know at test time;
+        a meta model adapts on the same ratings). Query ratings are never included. The label
+        ``LABEL_FIELD`` is the rating min-max scaled to [0, 1].
+        """
+        from recbole_llm.data.episodes import TRAIN
+
+        rows = [torch.cat([t.support_rows, t.query_rows]) for t in self.episodes[TRAIN]]
+        if include_support:
+            rows += [t.support_rows for name, tasks in self.episodes.items() if name != TRAIN for t in tasks]
+        rows = torch.unique(torch.cat(rows))
+        low, high = self.rating_range()
+        inter = self.inter_feat[rows]
+        scaled = (inter[self.config["RATING_FIELD"]].float() - low) / (high - low)
+        inter.update(Interaction({self.config["LABEL_FIELD"]: scaled}))
+        return self.copy(inter)
+
     def prepare_dataloaders(self, config):
         from recbole_llm.data.episodes import TEST, TRAIN, VALID, TaskDataLoader
 

@@ -111,3 +111,48 @@ class RatingBaselineTrainer(TaskEvaluationMixin, Trainer):
         with torch.no_grad():
             scaled = self.model.predict(interaction)
         return self.rating_min + (self.rating_max - self.rating_min) * scaled
+
+
+def run_rating_baseline(model="WideDeep", dataset="ml-100k", config_dict=None, config_file_list=None,
+                        include_support=True, saved=True):
+    """Train a RecBole rating model (default WideDeep) on the episodic split and evaluate it on
+    the same validation, test and scenario tasks as MetaLLMRec / MeLU (no local adaptation).
+
+    ``include_support``: the model is trained on the support sets of the evaluation tasks too
+    (see ``MetaLLMRecDataset.rating_baseline_data``). Returns the ``objective_function`` dict.
+    """
+    import os
+
+    from recbole.data.dataloader import TrainDataLoader
+    from recbole.utils import init_seed
+
+    from recbole_llm.config import Config
+    from recbole_llm.data.dataset import MetaLLMRecDataset
+    from recbole_llm.llm.models import set_threads
+    from recbole_llm.trainer.checkpoint import checkpoint_safe
+    from recbole_llm.utils import get_model
+
+    defaults = {"normalize_all": False, "normalize_field": None, "metrics": ["MAE"], "valid_metric": "MAE",
+                "train_neg_sample_args": None, "meta_ndcg_k": 3, "threshold": None,
+                "eval_args": {"split": {"RS": [0.8, 0.1, 0.1]}, "order": "RO", "group_by": None, "mode": "labeled"}}
+    config = Config(model=model, dataset=dataset, config_file_list=config_file_list,
+                    config_dict={**defaults, **(config_dict or {})})
+    init_seed(config["seed"], config["reproducibility"])
+    set_threads(config["torch_threads"])
+    data = MetaLLMRecDataset(config)
+    _, valid, test = data.prepare_dataloaders(config)
+    train_data = data.rating_baseline_data(include_support)
+    train = TrainDataLoader(config, train_data, None, shuffle=True)
+    init_seed(config["seed"], config["reproducibility"])
+    model_obj = get_model(config["model"])(config, train_data).to(config["device"])
+    trainer = checkpoint_safe(RatingBaselineTrainer)(config, model_obj, data, data.rating_range())
+    best_score, best_result = trainer.fit(train, valid, verbose=False, saved=saved)
+    test, groups = data.evaluation_loaders(config, test)
+    result = {
+        "model": config["model"], "best_valid_score": best_score, "valid_score_bigger": config["valid_metric_bigger"],
+        "best_valid_result": best_result, "test_result": trainer.evaluate(test, load_best_model=saved),
+        "group_results": {name: trainer.evaluate(loader, load_best_model=False) for name, loader in groups.items()},
+    }
+    if saved and os.path.exists(trainer.saved_model_file):
+        os.remove(trainer.saved_model_file)
+    return result
