@@ -151,3 +151,22 @@ def test_objective_function_runs_all_scenarios(model_name):
 def test_bad_scenario_key_is_named():
     with pytest.raises(ValueError, match="item_cold_year"):
         build("MeLU", meta_scenario_args={"item_cold_year": 1997})
+
+
+def test_widedeep_baseline_trains_on_known_ratings_only_and_runs_all_scenarios():
+    from recbole_llm.trainer.metallmrec import run_rating_baseline
+
+    _, dataset, _, _ = build("MeLU")
+    train = dataset.rating_baseline_data(include_support=True)
+    queries = {r for name, tasks in dataset.episodes.items() if name != TRAIN for t in tasks for r in t.query_rows.tolist()}
+    supports = {r for name, tasks in dataset.episodes.items() for t in tasks for r in t.support_rows.tolist()}
+    key = lambda inter: set(zip(inter["user_id"].tolist(), inter["item_id"].tolist()))  # noqa: E731
+    trained = key(train.inter_feat)
+    assert not trained & key(dataset.inter_feat[torch.tensor(sorted(queries))])
+    assert key(dataset.inter_feat[torch.tensor(sorted(supports))]) <= trained
+    assert 0 <= train.inter_feat["label"].min() and train.inter_feat["label"].max() <= 1
+
+    result = run_rating_baseline("WideDeep", "ml-tiny", config_dict=tiny_config(**META_KEYS),
+                                 config_file_list=[ML_TINY_YAML])
+    assert set(result["group_results"]) == set(SCENARIOS)
+    assert all(0 < v["mae"] < 4 and 0 < v["ndcg@3"] <= 1 for v in result["group_results"].values())
