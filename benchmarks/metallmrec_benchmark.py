@@ -29,11 +29,15 @@ from recbole_llm.data.episodes import SCENARIOS  # noqa: E402
 from recbole_llm.quick_start import objective_function  # noqa: E402
 from recbole_llm.trainer.metallmrec import run_rating_baseline  # noqa: E402
 
+WIDEDEEP = {"epochs": 100, "stopping_step": 10, "train_batch_size": 512, "learning_rate": 0.001}
+# method -> (model, config); WideDeep trains on the support sets of the evaluation tasks too,
+# WideDeep-warm only on the meta-training users' ratings (see docs/MetaLLMRec.md).
 METHODS = {
     "MeLU-1": ("MeLU", {"local_update": 1}),
     "MeLU-5": ("MeLU", {"local_update": 5}),
     "MetaLLMRec": ("MetaLLMRec", {}),
-    "WideDeep": ("WideDeep", {"epochs": 100, "stopping_step": 10, "train_batch_size": 512, "learning_rate": 0.001}),
+    "WideDeep": ("WideDeep", WIDEDEEP),
+    "WideDeep-warm": ("WideDeep", WIDEDEEP),
 }
 METRICS = ("mae", "ndcg@3")
 
@@ -54,7 +58,7 @@ def run_one(method, dataset, seed, overrides):
               **method_config, **overrides}
     start = time.time()
     if model == "WideDeep":
-        result = run_rating_baseline(model, dataset, config_dict=config)
+        result = run_rating_baseline(model, dataset, config_dict=config, include_support=method == "WideDeep")
     else:
         result = objective_function(config_dict={"model": model, "dataset": dataset, **config})
     return {

@@ -7,6 +7,7 @@ are ..."), embedded once by ``text_source`` (``encoder``: the sentence encoder `
 (``recbole_llm/llm/encoder.py``). The embeddings are frozen, non-persistent buffers: they stay
 out of the optimizer and of checkpoints and are recomputed (from the cache) when a model is built.
 
+With ``text_standardize`` each embedding dimension is z-scored over the users (items) first.
 Features of a pair are ``[item_proj(e_item) ; user_proj(e_user)]`` with two global linear
 projections (``proj_dim``; 0 feeds the raw embeddings); the MLP estimator on top is adapted per
 user with MAML (``meta_estimator.MetaEstimator``). The paper does not give the projection size,
@@ -35,7 +36,12 @@ class MetaLLMRec(MetaEstimator):
                 key = f"{kind}_text_template"  # the dataset has no MetaLLMRec-specific template
             texts = side.texts(kind, key)
             embeddings = embed_from_config(config, texts[1:], namespace="metallmrec", encoder_key=TEXT_SOURCES[source])
-            table = torch.cat([torch.zeros(1, embeddings.shape[1]), embeddings.float()])
+            embeddings = embeddings.float()
+            if config["text_standardize"]:
+                # per-dimension z-scores over the entities: sentence embeddings are unit vectors
+                # with tiny coordinates, which leave the local SGD steps almost nothing to move
+                embeddings = (embeddings - embeddings.mean(0)) / embeddings.std(0).clamp(min=1e-6)
+            table = torch.cat([torch.zeros(1, embeddings.shape[1]), embeddings])
             self.register_buffer(f"{kind}_text", table.to(self.device), persistent=False)
         text_dim = self.item_text.shape[1]
         proj_dim = int(config["proj_dim"])
