@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recbole_llm.data.episodes import SCENARIOS  # noqa: E402
 from recbole_llm.quick_start import objective_function  # noqa: E402
-from recbole_llm.trainer.metallmrec import run_rating_baseline  # noqa: E402
+from recbole_llm.trainer.metallmrec import graded_ndcg, run_rating_baseline  # noqa: E402
 
 WIDEDEEP = {"epochs": 100, "stopping_step": 10, "train_batch_size": 512, "learning_rate": 0.001}
 # method -> (model, config); WideDeep trains on the support sets of the evaluation tasks too,
@@ -38,6 +38,7 @@ METHODS = {
     "MetaLLMRec": ("MetaLLMRec", {}),
     "WideDeep": ("WideDeep", WIDEDEEP),
     "WideDeep-warm": ("WideDeep", WIDEDEEP),
+    "SupportMedian": ("SupportMedian", {}),  # reference: each query rating = median of the support ratings
 }
 METRICS = ("mae", "ndcg@3")
 
@@ -52,12 +53,31 @@ def parse_sets(pairs):
     return out
 
 
+def support_median(dataset, config):
+    """Scores of the no-learning reference: every query rating predicted as the support median."""
+    from recbole_llm.config import Config
+    from recbole_llm.utils import create_dataset
+
+    data = create_dataset(Config(model="MeLU", dataset=dataset, config_dict=config))
+    results = {}
+    for name in ("valid", *SCENARIOS):
+        tasks = data.episodes[name]
+        errors = [float((t.query_ratings - t.support_ratings.median()).abs().mean()) for t in tasks]
+        ndcgs = [graded_ndcg(np.full(len(t.query_items), float(t.support_ratings.median())), t.query_ratings.numpy(),
+                             t.query_items.numpy()) for t in tasks]
+        results[name] = {"mae": float(np.mean(errors)), "ndcg@3": float(np.mean(ndcgs))}
+    valid = results.pop("valid")
+    return {"best_valid_result": valid, "group_results": results}
+
+
 def run_one(method, dataset, seed, overrides):
     model, method_config = METHODS[method]
     config = {"seed": seed, "torch_threads": 1, "show_progress": False, "state": "ERROR",
               **method_config, **overrides}
     start = time.time()
-    if model == "WideDeep":
+    if model == "SupportMedian":
+        result = support_median(dataset, config)
+    elif model == "WideDeep":
         result = run_rating_baseline(model, dataset, config_dict=config, include_support=method == "WideDeep")
     else:
         result = objective_function(config_dict={"model": model, "dataset": dataset, **config})
