@@ -184,6 +184,9 @@ def main():
             if any(r["method"] == m for r in runs)),
         "",
     ]
+    notes = out.with_name(out.stem + "_notes.md")  # hand-written analysis, kept across re-runs
+    if notes.is_file():
+        text += ["", notes.read_text()]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(text))
     print("\n".join(text))
