@@ -107,13 +107,13 @@ def table(runs, methods):
     return "\n".join(lines)
 
 
-def goal_check(runs):
-    """Is MetaLLMRec's mean MAE below the better MeLU's in each cold scenario? Also per seed (paired)."""
+def goal_check(runs, ours_name="MetaLLMRec", melu_names=("MeLU-1", "MeLU-5")):
+    """Is ``ours_name``'s mean MAE below the better MeLU's in each cold scenario? Also per seed (paired)."""
     lines = []
     by = lambda method, scenario: {r["seed"]: r["scenarios"][scenario]["mae"] for r in runs if r["method"] == method}  # noqa: E731
     for scenario in SCENARIOS[1:]:
-        ours = by("MetaLLMRec", scenario)
-        melus = {m: by(m, scenario) for m in ("MeLU-1", "MeLU-5")}
+        ours = by(ours_name, scenario)
+        melus = {m: by(m, scenario) for m in melu_names}
         melus = {m: v for m, v in melus.items() if v}
         if not ours or not melus:
             continue
@@ -126,7 +126,7 @@ def goal_check(runs):
                      f"{int((diff < 0).sum())}/{len(diff)} |")
     if not lines:
         return ""
-    return "\n".join(["| scenario | MetaLLMRec MAE | better MeLU MAE | MetaLLMRec lower? | paired difference | seeds won |",
+    return "\n".join([f"| scenario | {ours_name} MAE | better MeLU MAE | {ours_name} lower? | paired difference | seeds won |",
                       "|---|---|---|---|---|---|", *lines])
 
 
@@ -189,6 +189,9 @@ def main():
         "",
         goal_check(runs),
         "",
+        *(["Same check for the variants evaluated with 10 local steps:", "",
+           goal_check(runs, "MetaLLMRec-eval10", ("MeLU-5-eval10",)), ""]
+          if any(r["method"] == "MetaLLMRec-eval10" for r in runs) else []),
         "Mean wall time per run (s): " + ", ".join(
             f"{m} {np.mean([r['seconds'] for r in runs if r['method'] == m]):.0f}" for m in args.methods
             if any(r["method"] == m for r in runs)),
