@@ -171,3 +171,20 @@ def test_widedeep_baseline_trains_on_known_ratings_only_and_runs_all_scenarios()
                                  config_file_list=[ML_TINY_YAML])
     assert set(result["group_results"]) == set(SCENARIOS)
     assert all(0 < v["mae"] < 4 and 0 < v["ndcg@3"] <= 1 for v in result["group_results"].values())
+
+
+def test_cold_item_rules_of_ml1m_and_book_crossing():
+    from recbole_llm.data.episodes import cold_items, item_year_values
+
+    _, dataset, _, _ = build("MeLU")
+    years = item_year_values(dataset, "release_year")
+    args = {"item_cold_by": "year", "item_year_field": "release_year", "item_cold_from_year": None,
+            "item_cold_ratio": 0.2, "item_warm_min_ratings": 5}
+    cold = cold_items(dataset, args, None)
+    known = ~np.isnan(years)
+    assert cold.sum() == round(0.2 * known.sum()) and not cold[~known].any()
+    assert years[cold].min() >= years[known & ~cold].max()  # the newest items are the cold ones
+
+    counts = np.bincount(dataset.inter_feat["item_id"].numpy(), minlength=dataset.item_num)
+    cold = cold_items(dataset, {**args, "item_cold_by": "popularity", "item_warm_min_ratings": 20}, counts)
+    assert not cold[0] and (cold[1:] == (counts[1:] < 20)).all() and 0 < cold.sum() < dataset.item_num - 1
