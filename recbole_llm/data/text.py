@@ -60,7 +60,8 @@ class TextTemplate:
 
         text = _OPTIONAL.sub(lambda m: fill(m.group(1), True), self.template)
         text = fill(text, False)
-        return _SPACES.sub(" ", text).strip()
+        # A leading optional segment that was dropped leaves its separator behind (". Brand: X").
+        return _SPACES.sub(" ", text).strip().lstrip(".,;:- ").strip()
 
     def is_empty_for(self, values):
         return all(values.get(field) is None for field in self.fields)
