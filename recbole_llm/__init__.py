@@ -3,7 +3,12 @@
 Public entry points live in :mod:`recbole_llm.quick_start`; model, trainer and dataset resolution
 (plugin first, RecBole second) in :mod:`recbole_llm.utils`.
 """
+import warnings
 from pathlib import Path
+
+# RecBole 1.2.1 on pandas 2.2 / torch 2.13 emits FutureWarnings on every run (chained fillna,
+# torch.cuda.amp); they concern RecBole's code, not the user's, and drown the logs.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole(\.|$)")
 
 __version__ = "0.1.0"
 

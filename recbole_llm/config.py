@@ -9,6 +9,7 @@ config files, ``config_dict`` and ``--key=value`` command-line arguments, exactl
 import os
 
 from recbole.config import Config as RecBoleConfig
+from recbole.utils import ModelType
 
 from recbole_llm import PROPERTIES_DIR, SHIPPED_DATASETS_DIR
 
@@ -54,6 +55,13 @@ class Config(RecBoleConfig):
                 ]
 
     def _set_default_parameters(self):
+        # RecBole's overall.yaml samples one training negative by default, and RecBole then refuses
+        # every sequential model with CE loss (SASRec, GRU4Rec, ...) unless the user turns sampling
+        # off (RecBole#1208). CE needs no negatives, so sampling is off unless the user asked for it.
+        final = self.final_config_dict
+        if (final.get("MODEL_TYPE") == ModelType.SEQUENTIAL and final.get("loss_type") == "CE"
+                and "train_neg_sample_args" not in self.external_config_dict):
+            final["train_neg_sample_args"] = None
         super()._set_default_parameters()
         # Datasets shipped inside the plugin (dataset/<name>/) are found wherever the user runs from,
         # the way RecBole finds its bundled ml-100k; a folder under the user's data_path wins.

@@ -34,11 +34,9 @@ def plugin_model_names():
 
 
 def _recbole_model_names():
-    import recbole.model
-
     names = []
     for sub in ("general_recommender", "sequential_recommender", "context_aware_recommender",
-                "knowledge_aware_recommender", "exlib_recommender"):
+                "knowledge_aware_recommender"):
         package = importlib.import_module(f"recbole.model.{sub}")
         names += [name for name in dir(package) if not name.startswith("_") and name[0].isupper()]
     return names
@@ -55,7 +53,7 @@ def get_model(model_name):
             return getattr(module, model_name)
     try:
         return recbole_get_model(model_name)
-    except ValueError:
+    except (ValueError, ImportError):  # RecBole's search imports exlib models (xgboost, lightgbm)
         known = plugin_model_names() + _recbole_model_names()
         close = difflib.get_close_matches(model_name, known, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""

@@ -32,8 +32,6 @@ import pandas as pd
 
 _FIELD = re.compile(r"\{(\w+)\}")
 _OPTIONAL = re.compile(r"\[([^\[\]]*)\]")
-_QUOTED_LIST = re.compile(r"""^\s*(['"]).*\1\s*$""", re.S)
-_QUOTED_ITEM = re.compile(r"""'((?:[^'\\]|\\.)*)'|"((?:[^"\\]|\\.)*)\"""")
 _SPACES = re.compile(r"\s+")
 
 
@@ -60,7 +58,8 @@ class TextTemplate:
 
         text = _OPTIONAL.sub(lambda m: fill(m.group(1), True), self.template)
         text = fill(text, False)
-        return _SPACES.sub(" ", text).strip()
+        # A leading optional segment that was dropped leaves its separator behind (". Brand: X").
+        return _SPACES.sub(" ", text).strip().lstrip(".,;:- ").strip()
 
     def is_empty_for(self, values):
         return all(values.get(field) is None for field in self.fields)
@@ -84,13 +83,14 @@ def read_atomic_file(path, field_separator="\t"):
 
 @lru_cache(maxsize=4096)
 def _parse_quoted_list(value):
+    """Elements of Python list/set text such as ``'Beauty', 'Skin Care'``, or None if it is not."""
     try:
         parsed = ast.literal_eval(f"[{value}]")
-        if all(isinstance(v, str) for v in parsed):
-            return [p for p in parsed if p.strip()]
-    except (ValueError, SyntaxError):
-        pass
-    return [a or b for a, b in _QUOTED_ITEM.findall(value)]
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
+    if parsed and all(isinstance(v, str) for v in parsed):
+        return parsed
+    return None
 
 
 def clean_value(raw, ftype, seq_separator=" ", join=" ", value_map=None):
@@ -100,9 +100,9 @@ def clean_value(raw, ftype, seq_separator=" ", join=" ", value_map=None):
     value = _SPACES.sub(" ", html.unescape(str(raw))).strip()
     if not value or value.lower() in {"nan", "none", "[pad]"}:
         return None
-    if _QUOTED_LIST.match(value) and ("', '" in value or value.count("'") == 2 or value.count('"') == 2):
-        parts = _parse_quoted_list(value)
-        value = join.join(dict.fromkeys(p.strip() for p in parts if p.strip()))
+    quoted = _parse_quoted_list(value) if value[0] in "'\"" and value[-1] in "'\"" else None
+    if quoted is not None:
+        value = join.join(dict.fromkeys(p.strip() for p in quoted if p.strip()))
     elif ftype.endswith("_seq"):
         parts = [p for p in value.split(seq_separator) if p.strip()]
         if ftype == "float_seq":

@@ -1,0 +1,72 @@
+"""Running RecBole's own models through the plugin: train, reload the best checkpoint, tune."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import DATA_DIR, ML_TINY_YAML, tiny_config
+from recbole_llm.quick_start import load_data_and_model, objective_function, run_recbole_llm
+
+REPO = Path(__file__).resolve().parents[1]
+RESULT_KEYS = {"model", "best_valid_score", "valid_score_bigger", "best_valid_result", "test_result"}
+
+
+@pytest.mark.parametrize("model, extra", [
+    ("BPR", {}),
+    ("SASRec", {"hidden_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 1, "train_batch_size": 256}),
+])
+def test_objective_function_contract(model, extra):
+    result = objective_function(tiny_config(model=model, **extra), [ML_TINY_YAML])
+    assert RESULT_KEYS <= set(result)
+    assert result["model"] == model
+    assert set(result["test_result"]) >= {"recall@10", "ndcg@10"}
+    assert not list(Path("saved").glob("*.pth")), "a tuning trial must not leave its checkpoint behind"
+
+
+def test_best_checkpoint_reloads_and_matches_load_data_and_model():
+    result = run_recbole_llm("BPR", config_file_list=[ML_TINY_YAML], config_dict=tiny_config(epochs=2))
+    checkpoints = list(Path("saved").glob("BPR-*.pth"))
+    assert len(checkpoints) == 1
+    config, model, dataset, train_data, valid_data, test_data = load_data_and_model(str(checkpoints[0]))
+    saved = torch.load(checkpoints[0], weights_only=False)["state_dict"]
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    from recbole_llm.utils import get_trainer
+
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    again = trainer.evaluate(test_data, load_best_model=False)
+    assert again == pytest.approx(result["test_result"])
+
+
+def test_resume_checkpoint_restores_training_state():
+    from recbole_llm.config import Config
+    from recbole_llm.utils import create_dataset, data_preparation, get_model, get_trainer
+
+    config = Config(model="BPR", config_file_list=[ML_TINY_YAML], config_dict=tiny_config(epochs=1))
+    dataset = create_dataset(config)
+    train, valid, _ = data_preparation(config, dataset)
+    model = get_model("BPR")(config, train._dataset)
+    trainer = get_trainer(config["MODEL_TYPE"], "BPR")(config, model)
+    trainer.fit(train, valid, saved=True, show_progress=False)
+    resumed = get_trainer(config["MODEL_TYPE"], "BPR")(config, get_model("BPR")(config, train._dataset))
+    resumed.resume_checkpoint(trainer.saved_model_file)
+    assert resumed.start_epoch == 1
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), trainer.model.parameters()))
+
+
+def test_cli_trains_and_prints_test_result(tmp_path):
+    command = [sys.executable, str(REPO / "run_recbole_llm.py"), "--model=BPR", "--dataset=ml-tiny",
+               f"--config_files={ML_TINY_YAML}", f"--data_path={DATA_DIR}", "--epochs=1", "--state=INFO"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "test result" in done.stdout + done.stderr
+    assert list((tmp_path / "saved").glob("BPR-*.pth"))
+
+
+def test_plugin_never_imports_recbole_quick_start():
+    code = "import sys, recbole_llm.quick_start, recbole_llm.cli; print('recbole.quick_start' in sys.modules, 'ray' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "False False", done.stderr[-2000:]
