@@ -188,3 +188,13 @@ def test_cold_item_rules_of_ml1m_and_book_crossing():
     counts = np.bincount(dataset.inter_feat["item_id"].numpy(), minlength=dataset.item_num)
     cold = cold_items(dataset, {**args, "item_cold_by": "popularity", "item_warm_min_ratings": 20}, counts)
     assert not cold[0] and (cold[1:] == (counts[1:] < 20)).all() and 0 < cold.sum() < dataset.item_num - 1
+
+
+def test_causal_llm_text_source_and_text_fallback():
+    # ml-tiny has no MetaLLMRec-specific templates: the generic ones are used
+    _, dataset, model, _ = build(text_source="llm", text_standardize=True)
+    assert model.item_text.shape == (dataset.item_num, 32)  # hidden size of tiny-random-llama
+    assert torch.equal(model.item_text[0], torch.zeros(32))
+    assert model.item_text[1:].std(0).mean() == pytest.approx(1.0, abs=0.05)  # standardised
+    model.calculate_loss(dataset.episodes[TRAIN][0]).backward()
+    assert model.item_proj.weight.grad.abs().sum() > 0
