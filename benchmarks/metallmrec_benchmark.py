@@ -5,8 +5,9 @@ method) and reports MAE and nDCG@3 on the test tasks of the four scenarios. Fini
 stored as JSON under ``<runs_dir>/`` and skipped when the script is run again, so an interrupted
 benchmark resumes. The table (mean ± std over seeds) is written to ``--out``.
 
-    nice -n 10 python benchmarks/metallmrec_benchmark.py --dataset=ml-100k --seeds 0 1 2 \\
-        --out results/metallmrec_ml-100k.md
+    nice -n 10 python benchmarks/metallmrec_benchmark.py --dataset=ml-100k --seeds 0 1 2 3 4 \\
+        --methods MeLU-1 MeLU-5 MetaLLMRec WideDeep WideDeep-warm SupportMedian
+    nice -n 10 python benchmarks/metallmrec_benchmark.py --dataset=ml-100k --folds 5   # paper-style k-fold
 
 Extra ``--set key=value`` pairs (yaml values) override the config of every method;
 ``--set-MetaLLMRec key=value`` (or ``--set-MeLU-1`` ...) only that method's.
@@ -110,7 +111,8 @@ def table(runs, methods):
 def goal_check(runs, ours_name="MetaLLMRec", melu_names=("MeLU-1", "MeLU-5")):
     """Is ``ours_name``'s mean MAE below the better MeLU's in each cold scenario? Also per seed (paired)."""
     lines = []
-    by = lambda method, scenario: {r["seed"]: r["scenarios"][scenario]["mae"] for r in runs if r["method"] == method}  # noqa: E731
+    by = lambda method, scenario: {r.get("fold", r["seed"]): r["scenarios"][scenario]["mae"]  # noqa: E731
+                                   for r in runs if r["method"] == method}
     for scenario in SCENARIOS[1:]:
         ours = by(ours_name, scenario)
         melus = {m: by(m, scenario) for m in melu_names}
@@ -137,6 +139,8 @@ def main():
     parser.add_argument("--methods", nargs="+", default=list(METHODS)[:4], choices=list(METHODS))
     parser.add_argument("--out", default=None, help="markdown table; default results/metallmrec_<dataset>.md")
     parser.add_argument("--runs_dir", default=None, help="per-run JSON; default results/metallmrec_runs/<dataset>")
+    parser.add_argument("--folds", type=int, default=0,
+                        help="k-fold cold users (user_cold_folds=k, one run per fold, first seed only)")
     parser.add_argument("--set", action="append", default=[], help="key=value for every method")
     args, rest = parser.parse_known_args()
     per_method = {m: [] for m in METHODS}
@@ -152,15 +156,22 @@ def main():
     logging.basicConfig(level=logging.ERROR)
 
     root = Path(__file__).resolve().parents[1]
-    out = Path(args.out or root / "results" / f"metallmrec_{args.dataset}.md")
-    runs_dir = Path(args.runs_dir or root / "results" / "metallmrec_runs" / args.dataset)
+    suffix = f"_{args.folds}fold" if args.folds else ""
+    out = Path(args.out or root / "results" / f"metallmrec_{args.dataset}{suffix}.md")
+    runs_dir = Path(args.runs_dir or root / "results" / "metallmrec_runs" / f"{args.dataset}{suffix}")
     runs_dir.mkdir(parents=True, exist_ok=True)
     common = parse_sets(args.set)
     runs = []
-    for seed in args.seeds:
+    splits = [(args.seeds[0], k) for k in range(args.folds)] if args.folds else [(s, None) for s in args.seeds]
+    for seed, fold in splits:
         for method in args.methods:
-            path = runs_dir / f"{method}-seed{seed}.json"
+            path = runs_dir / (f"{method}-fold{fold}.json" if args.folds else f"{method}-seed{seed}.json")
             overrides = {**common, **parse_sets(per_method[method])}
+            if args.folds:
+                scenario = dict(yaml.safe_load(open(root / "properties" / "dataset" / f"{args.dataset}.yaml"))
+                                .get("meta_scenario_args") or {})
+                overrides["meta_scenario_args"] = {**scenario, **overrides.get("meta_scenario_args", {}),
+                                                   "user_cold_folds": args.folds, "user_cold_fold": fold}
             if path.is_file():
                 run = json.loads(path.read_text())
                 if all(run["config"].get(k) == v for k, v in overrides.items()):
@@ -168,18 +179,23 @@ def main():
                     print(f"[reuse] {path.name}", flush=True)
                     continue
             run = run_one(method, args.dataset, seed, overrides)
+            if args.folds:
+                run["fold"] = fold
             path.write_text(json.dumps(run, indent=1))
             runs.append(run)
             summary = "  ".join(f"{s}: {v['mae']:.4f}/{v['ndcg@3']:.4f}" for s, v in run["scenarios"].items())
-            print(f"[{method} seed {seed}] {run['seconds']}s  {summary}", flush=True)
+            print(f"[{method} seed {seed}{'' if fold is None else f' fold {fold}'}] {run['seconds']}s  {summary}", flush=True)
 
     command = "nice -n 10 python benchmarks/metallmrec_benchmark.py " + " ".join(sys.argv[1:])
     text = [
         f"# MetaLLMRec vs MeLU vs WideDeep on {args.dataset}: four scenarios",
         "",
         f"Produced by `{command}` ({platform.machine()}, {os.cpu_count()} cores, one torch thread per run).",
-        f"Seeds {args.seeds}: each seed draws its own cold users, W-W validation/test users and support/query",
-        "splits, shared by every method, and its own model initialisation. Values: mean ± sample std over seeds",
+        (f"{args.folds}-fold cross-validation over users (seed {args.seeds[0]}): fold k is the cold users of run k;"
+         " W-W validation/test users and support/query splits are drawn per run and shared by every method."
+         " Values: mean ± sample std over folds" if args.folds else
+         f"Seeds {args.seeds}: each seed draws its own cold users, W-W validation/test users and support/query"
+         " splits, shared by every method, and its own model initialisation. Values: mean ± sample std over seeds"),
         "of the test tasks of each scenario (MAE on the raw rating scale, graded nDCG@3 with gain 2^r - 1).",
         "Per-run JSON (config, validation result, time): " + f"`{runs_dir.relative_to(root) if runs_dir.is_relative_to(root) else runs_dir}/`.",
         "",
