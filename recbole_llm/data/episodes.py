@@ -191,13 +191,8 @@ def build_episodes(dataset):
     order = _rng(config, 3).permutation(len(warm))
     valid_ratio, test_ratio = args["valid_test_ratio"]
     n_valid, n_test = int(round(valid_ratio * len(warm))), int(round(test_ratio * len(warm)))
-    pick = lambda idx: [warm[i] for i in sorted(idx)]  # noqa: E731
-    episodes = {
-        TRAIN: pick(order[n_valid + n_test:]),
-        VALID: pick(order[:n_valid]),
-        TEST: pick(order[n_valid:n_valid + n_test]),
-        **episodes,
-    }
+    parts = {TRAIN: order[n_valid + n_test:], VALID: order[:n_valid], TEST: order[n_valid:n_valid + n_test]}
+    episodes = {**{name: [warm[i] for i in sorted(idx)] for name, idx in parts.items()}, **episodes}
     episodes["warm_user_warm_item"] = episodes[TEST]
     if not episodes[TRAIN]:
         raise ValueError(
