@@ -128,7 +128,7 @@ def goal_check(runs, ours_name="MetaLLMRec", melu_names=("MeLU-1", "MeLU-5")):
                      f"{int((diff < 0).sum())}/{len(diff)} |")
     if not lines:
         return ""
-    return "\n".join([f"| scenario | {ours_name} MAE | better MeLU MAE | {ours_name} lower? | paired difference | seeds won |",
+    return "\n".join([f"| scenario | {ours_name} MAE | better MeLU MAE | {ours_name} lower? | paired difference | runs won |",
                       "|---|---|---|---|---|---|", *lines])
 
 
@@ -201,7 +201,7 @@ def main():
         "",
         table(runs, args.methods),
         "",
-        "Goal check (mean MAE over seeds, cold scenarios):",
+        "Goal check (mean MAE over runs (seeds or folds), cold scenarios; paired per run):",
         "",
         goal_check(runs),
         "",
