@@ -110,6 +110,9 @@ def load_saved_dataset(config, dataset_class):
     for arg in dataset_arguments + ["seed", "repeatable"]:
         if config[arg] != dataset.config[arg]:
             return None
+    # The pickle carries the config it was saved with; the plugin's own settings (scenarios, tasks,
+    # templates) are read from the dataset's config at build time, so they must be this run's.
+    dataset.config = config
     getLogger().info(f"Load filtered dataset from: [{file}]")
     return dataset
 
