@@ -2,7 +2,7 @@
 
 Internal yaml is layered as RecBole's own (overall, model, sample, dataset, quick-start by model
 type) followed by ours: ``properties/overall.yaml``, ``properties/dataset/<dataset>.yaml``,
-``properties/model/<Model>.yaml``. Model yaml comes last among ours because a model's needs (e.g.
+``properties/model/<Model>.yaml``. Model yaml (a plugin parent class's first) comes last among ours because a model's needs (e.g.
 raw ratings for MetaLLMRec) must beat dataset defaults. Everything internal stays below the user's
 config files, ``config_dict`` and ``--key=value`` command-line arguments, exactly as in RecBole.
 """
@@ -43,8 +43,12 @@ class Config(RecBoleConfig):
         super()._load_internal_config_dict(model, model_class, dataset)
         overall = PROPERTIES_DIR / "overall.yaml"
         dataset_file = PROPERTIES_DIR / "dataset" / f"{dataset}.yaml"
-        model_file = PROPERTIES_DIR / "model" / f"{model}.yaml"
-        for path in (overall, dataset_file, model_file):
+        # A plugin model that extends another plugin model (TALLRec < ALLMRec) starts from its
+        # parents' yaml and overrides what differs.
+        parents = [cls.__name__ for cls in reversed(model_class.__mro__[1:])
+                   if cls.__module__.startswith("recbole_llm.model.")]
+        model_files = [PROPERTIES_DIR / "model" / f"{name}.yaml" for name in parents + [model]]
+        for path in (overall, dataset_file, *model_files):
             if not path.is_file():
                 continue
             loaded = self._update_internal_config_dict(str(path)) or {}

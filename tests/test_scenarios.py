@@ -89,3 +89,14 @@ def test_bad_scenario_settings_are_named():
         _prepared(eval_item_groups={"cold": [0.5, 0.1]})
     with pytest.raises(ValueError, match="cold_item_args.by"):
         _prepared(cold_item_args={"ratio": 0.2, "by": "alphabet"})
+
+
+def test_eval_max_users_keeps_a_seeded_subset_per_group():
+    config, dataset, (_, _, test) = _prepared(eval_item_groups={"cold": [0.0, 0.35]}, eval_max_users=10)
+    overall, groups = scenarios.group_loaders(config, dataset, test)
+    users = overall._dataset.inter_feat["user_id"]
+    assert len(set(users.tolist())) == 10
+    cold_users = set(groups["cold"]._dataset.inter_feat["user_id"].tolist())
+    assert len(cold_users) <= 10
+    again, _ = scenarios.group_loaders(config, dataset, test)
+    assert torch.equal(again._dataset.inter_feat["user_id"], users)

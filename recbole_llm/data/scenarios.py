@@ -12,6 +12,9 @@ result. All settings are ordinary config keys (off by default, see ``properties/
     seeded share ``r`` of the other users is turned into cold users by keeping only their first
     ``inter_num`` interactions (for datasets such as ml-100k that have no such users).
 ``few_shot_users``  ``K``: only K seeded-random users keep their training rows (A-LLMRec's K-shot).
+``eval_max_users``  ``N``: each evaluation group (and the overall test) is evaluated on at most N
+    seeded-random users (all of them when the group has fewer); for models whose scoring is slow
+    (LLM rankers on CPU).
 ``cold_item_args``  ``{ratio: 0.2, by: time|random}``: that share of items becomes cold-start: every
     training interaction with them is removed, validation and test keep them; groups
     ``cold_start_items`` and ``warm_start_items`` are evaluated separately. ``by: time`` picks the
@@ -237,7 +240,21 @@ def group_loaders(config, dataset, test_loader):
     if "cold_users" in groups:
         cold = groups["cold_users"][1][test_data.inter_feat[uid]]
         test_loader = _rebuild_loader(config, test_loader, ~cold)
-    return test_loader, loaders
+    test_loader = limit_users(config, test_loader)
+    return test_loader, {name: limit_users(config, loader) for name, loader in loaders.items()}
+
+
+def limit_users(config, loader):
+    """``loader`` restricted to ``eval_max_users`` seeded-random users (unchanged if it has fewer)."""
+    limit = config["eval_max_users"]
+    if not limit:
+        return loader
+    users = loader._dataset.inter_feat[loader._dataset.uid_field]
+    unique = np.unique(users.numpy())
+    if len(unique) <= int(limit):
+        return loader
+    chosen = np.sort(_rng(config).choice(unique, size=int(limit), replace=False))
+    return _rebuild_loader(config, loader, torch.from_numpy(np.isin(users.numpy(), chosen)))
 
 
 def _rebuild_loader(config, loader, rows):

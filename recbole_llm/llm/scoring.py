@@ -1,0 +1,97 @@
+"""Causal-LLM scores and losses over prompts given as input embeddings (soft tokens allowed).
+
+``score_continuations`` turns generation into scores: the log-likelihood of each candidate
+continuation (e.g. a quoted item title) after one shared prompt. The prompt is run once and its
+KV cache is shared by all candidates, which are scored in batches; this is what lets RecBole's
+evaluator rank candidates (Hit/NDCG@K) instead of matching generated strings.
+
+``target_token_loss`` is the training counterpart: cross-entropy on the target tokens only, the
+prompt (including soft tokens) being context. Sequences are left-padded with explicit position ids
+so only the last positions' logits are computed (the vocabulary projection dominates otherwise).
+"""
+import copy
+
+import torch
+import torch.nn.functional as F
+
+REDUCTIONS = ("sum", "mean")
+
+
+def _input_embeddings(llm):
+    return llm.get_input_embeddings()
+
+
+def _pad_ids(sequences, pad_id, device):
+    lengths = torch.tensor([len(s) for s in sequences], device=device)
+    ids = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long, device=device)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long, device=device)
+    return ids, lengths
+
+
+@torch.no_grad()
+def score_continuations(llm, prompt_embeds, continuations, reduction="sum", batch_size=32, pad_id=0):
+    """Log-likelihood of each continuation (list of token ids) after ``prompt_embeds`` [P, H].
+
+    Returns a float32 tensor [len(continuations)]: the sum (or mean, ``reduction="mean"``) of the
+    continuation's token log-probabilities.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if any(len(c) == 0 for c in continuations):
+        raise ValueError("every continuation needs at least one token")
+    device = prompt_embeds.device
+    out = llm(inputs_embeds=prompt_embeds.unsqueeze(0), use_cache=True, logits_to_keep=1)
+    prompt_cache = out.past_key_values
+    first_logp = F.log_softmax(out.logits[0, -1].float(), dim=-1)
+    scores = []
+    for start in range(0, len(continuations), batch_size):
+        chunk = continuations[start:start + batch_size]
+        ids, lengths = _pad_ids(chunk, pad_id, device)
+        cache = copy.deepcopy(prompt_cache)
+        cache.batch_repeat_interleave(len(chunk))
+        # right padding needs no mask: pads come after every real token of their row
+        logits = llm(input_ids=ids, past_key_values=cache, use_cache=True).logits.float()
+        logp = F.log_softmax(logits, dim=-1)
+        token_logp = torch.empty(ids.shape, device=device)
+        token_logp[:, 0] = first_logp[ids[:, 0]]
+        token_logp[:, 1:] = logp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        mask = torch.arange(ids.shape[1], device=device).unsqueeze(0) < lengths.unsqueeze(1)
+        total = (token_logp * mask).sum(1)
+        scores.append(total / lengths if reduction == "mean" else total)
+    return torch.cat(scores).float()
+
+
+def target_token_loss(llm, prompt_embeds, targets):
+    """Mean cross-entropy of the target tokens given their prompts (a batch).
+
+    ``prompt_embeds``: list of [P_b, H] tensors (gradients flow back into them);
+    ``targets``: list of non-empty token-id lists. Returns a scalar tensor.
+    """
+    embed = _input_embeddings(llm)
+    device, dtype = embed.weight.device, embed.weight.dtype
+    rows, target_lengths = [], []
+    for prompt, target in zip(prompt_embeds, targets):
+        if len(target) == 0:
+            raise ValueError("every target needs at least one token")
+        target_ids = torch.as_tensor(target, dtype=torch.long, device=device)
+        rows.append(torch.cat([prompt.to(dtype), embed(target_ids)]))
+        target_lengths.append(len(target))
+    width = max(len(r) for r in rows)
+    hidden = rows[0].shape[1]
+    inputs = torch.zeros(len(rows), width, hidden, dtype=dtype, device=device)
+    attention = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    for b, row in enumerate(rows):
+        inputs[b, width - len(row):] = row
+        attention[b, width - len(row):] = 1
+    positions = (attention.cumsum(1) - 1).clamp(min=0)
+    keep = max(target_lengths) + 1
+    logits = llm(inputs_embeds=inputs, attention_mask=attention, position_ids=positions,
+                 logits_to_keep=keep).logits.float()  # [B, keep, V]: the last `keep` positions
+    losses = []
+    for b, target in enumerate(targets):
+        n = len(target)
+        # logits at positions -n-1 .. -2 predict the n target tokens at -n .. -1
+        predicted = logits[b, keep - n - 1: keep - 1]
+        losses.append(F.cross_entropy(predicted, torch.as_tensor(target, device=device), reduction="sum"))
+    return torch.stack(losses).sum() / sum(target_lengths)

@@ -1,0 +1,156 @@
+"""Two-stage trainer of ALLMRec: stage 1 (collaborative-text alignment), then stage 2 (LLM alignment).
+
+``stages`` chooses what one ``fit`` runs (``[1, 2]``, ``[1]``, ``[2]`` or ``[]``). Epochs are
+numbered across stages (stage-1 epochs first), so a checkpoint written after any epoch resumes
+in the right stage (``resume_checkpoint``). Checkpoints hold ALLMRec's trainable weights only
+(``ALLMRec.state_dict``) plus the optimizer of the stage that wrote them.
+
+Samples: by default one per user and epoch, the user's last training transition (the official
+code); ``train_samples: all`` uses every training prefix in stage 1 (the paper's A-LLMRec_all).
+Stage 2 uses at most ``stage2_max_samples`` of the users per epoch (seeded), because every sample
+is a forward and backward pass through the LLM.
+"""
+import time
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from recbole.trainer import Trainer
+from recbole.utils import set_color
+from tqdm import tqdm
+
+from recbole_llm.data.scenarios import limit_users
+from recbole_llm.trainer.checkpoint import load_checkpoint
+
+
+class ALLMRecTrainer(Trainer):
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.stages = [int(s) for s in (config["stages"] if config["stages"] is not None else [1, 2])]
+        if any(s not in (1, 2) for s in self.stages):
+            raise ValueError(f"stages must list 1 and/or 2, got {config['stages']!r}")
+        if 1 in self.stages and model.backbone is None:
+            raise ValueError("stage 1 aligns the backbone with text: enable use_user_token or use_item_tokens")
+        self.plan = [(1, e) for e in range(int(config["stage1_epochs"])) if 1 in self.stages]
+        self.plan += [(2, e) for e in range(int(config["stage2_epochs"])) if 2 in self.stages]
+        self.stage_times = {}
+        self._resumed_optimizer = None
+
+    # -- optimisers -------------------------------------------------------------------------------
+
+    def _stage_parameters(self, stage):
+        model = self.model
+        if stage == 1:
+            modules = [model.item_encoder, model.item_decoder, model.text_encoder, model.text_decoder]
+            if model.sbert is not None:
+                modules.append(model.sbert)
+        else:
+            modules = [m for m in (getattr(model, "user_proj", None), getattr(model, "item_proj", None), model.llm)
+                       if m is not None]
+        params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"stage {stage} has nothing to train with this configuration")
+        return params
+
+    def _begin_stage(self, stage, resumed_state=None):
+        lr = float(self.config[f"stage{stage}_lr"])
+        self.optimizer = torch.optim.Adam(self._stage_parameters(stage), lr=lr, betas=(0.9, 0.98))
+        if resumed_state is not None:
+            self.optimizer.load_state_dict(resumed_state)
+        self.model.stage = stage
+
+    # -- samples ----------------------------------------------------------------------------------
+
+    def _sample_rows(self, train_data, stage):
+        """Row indices of the training split a stage trains on (one per user unless ``all``)."""
+        feat = train_data._dataset.inter_feat
+        users = feat[self.model.USER_ID].numpy()
+        if stage == 1 and self.config["train_samples"] == "all":
+            return np.arange(len(users))
+        if self.config["train_samples"] not in ("last", "all"):
+            raise ValueError(f"train_samples must be 'last' or 'all', got {self.config['train_samples']!r}")
+        last = {}
+        for row, user in enumerate(users):
+            last[user] = row  # rows are chronological within a user: the last one is the newest
+        return np.array(sorted(last.values()))
+
+    def _epoch_rows(self, rows, stage, generator):
+        order = rows[torch.randperm(len(rows), generator=generator).numpy()]
+        limit = self.config["stage2_max_samples"] if stage == 2 else None
+        return order[: int(limit)] if limit else order
+
+    # -- training ---------------------------------------------------------------------------------
+
+    def _run_epoch(self, train_data, stage, rows, global_epoch, show_progress):
+        self.model.train()
+        generator = torch.Generator().manual_seed(int(self.config["seed"]) * 1000 + global_epoch)
+        rows = self._epoch_rows(rows, stage, generator)
+        batch_size = int(self.config[f"stage{stage}_batch_size"])
+        feat = train_data._dataset.inter_feat
+        batches = range(0, len(rows), batch_size)
+        if show_progress:
+            batches = tqdm(batches, desc=set_color(f"Stage {stage} epoch {global_epoch:>3}", "pink"), ncols=100)
+        totals, count = {}, 0
+        for start in batches:
+            index = torch.from_numpy(rows[start:start + batch_size])
+            interaction = feat[index].to(self.device)
+            self.optimizer.zero_grad()
+            loss = self.model.calculate_loss(interaction, generator)
+            self._check_nan(loss)
+            loss.backward()
+            if self.clip_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), **self.clip_grad_norm)
+            self.optimizer.step()
+            totals["loss"] = totals.get("loss", 0.0) + loss.item()
+            for key, value in self.model.last_losses.items():
+                totals[key] = totals.get(key, 0.0) + value
+            count += 1
+        return {key: value / max(count, 1) for key, value in totals.items()}, len(rows)
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        self.epoch_losses = []
+        rows = {stage: self._sample_rows(train_data, stage) for stage in set(s for s, _ in self.plan)}
+        current = None
+        for global_epoch, (stage, epoch) in enumerate(self.plan):
+            if global_epoch < self.start_epoch:
+                continue
+            if stage != current:
+                resuming = global_epoch == self.start_epoch > 0 and self.plan[global_epoch - 1][0] == stage
+                self._begin_stage(stage, self._resumed_optimizer if resuming else None)
+                current = stage
+            began = time.time()
+            losses, samples = self._run_epoch(train_data, stage, rows[stage], global_epoch, show_progress)
+            seconds = time.time() - began
+            self.stage_times[stage] = self.stage_times.get(stage, 0.0) + seconds
+            self.epoch_losses.append((stage, epoch, losses))
+            if stage == 1 and (global_epoch + 1 == len(self.plan) or self.plan[global_epoch + 1][0] != 1):
+                self.model.refresh_text_embeddings()  # fine-tuned SBERT -> q_i used by stage 2 and inference
+            if verbose:
+                parts = ", ".join(f"{k}: {v:.6f}" for k, v in losses.items())
+                self.logger.info(set_color(f"ALLMRec stage {stage} epoch {epoch}", "green")
+                                 + f" [{seconds:.1f}s, {samples} samples]: {parts}")
+            if saved:
+                self._save_checkpoint(global_epoch, verbose=verbose)
+        if not self.plan and saved:
+            self._save_checkpoint(-1, verbose=verbose)
+        for stage, seconds in sorted(self.stage_times.items()):
+            self.logger.info(set_color(f"ALLMRec stage {stage} time", "yellow") + f": {seconds:.1f}s")
+
+        self.best_valid_score, self.best_valid_result = -1, OrderedDict()
+        if valid_data and self.eval_step > 0:
+            began = time.time()
+            self.best_valid_score, self.best_valid_result = self._valid_epoch(
+                limit_users(self.config, valid_data), show_progress=show_progress)
+            self.logger.info(set_color("ALLMRec validation", "blue") + f" [{time.time() - began:.1f}s]: "
+                             f"{dict(self.best_valid_result)}")
+        return self.best_valid_score, self.best_valid_result
+
+    def resume_checkpoint(self, resume_file):
+        """Continue after the epoch a checkpoint was written at, in that epoch's stage."""
+        checkpoint = load_checkpoint(resume_file, self.device)
+        self.saved_model_file = str(resume_file)
+        self.start_epoch = checkpoint["epoch"] + 1
+        self.cur_step = checkpoint["cur_step"]
+        self.model.load_state_dict(checkpoint["state_dict"])
+        self._resumed_optimizer = checkpoint["optimizer"]
+        self.logger.info(f"ALLMRec: resuming from {resume_file} at epoch {self.start_epoch} of {len(self.plan)}")

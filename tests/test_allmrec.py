@@ -1,0 +1,153 @@
+"""ALLMRec / TALLRec on tiny data: both stages train, scores are position-blind, checkpoints hold only
+trainable weights, and a backbone from other data is refused."""
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import DATA_DIR, ML_TINY_YAML, tiny_config
+from recbole_llm.config import Config
+from recbole_llm.llm.models import load_causal_lm
+from recbole_llm.llm.scoring import score_continuations, target_token_loss
+from recbole_llm.model import allmrec as allmrec_module
+from recbole_llm.model.allmrec import fit_sequences
+from recbole_llm.quick_start import _build_model, _prepare
+from recbole_llm.trainer.checkpoint import load_checkpoint
+from recbole_llm.utils import get_trainer
+
+TINY_SASREC = {"model": "SASRec", "epochs": 1, "hidden_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 1}
+FAST = {"latent_dim": 16, "history_len": 3, "stage1_epochs": 2, "stage2_epochs": 1, "stage2_max_samples": 4,
+        "stage2_batch_size": 2, "sbert_finetune": "frozen", "eval_max_users": 4, "torch_threads": 1,
+        "cold_user_args": None, "eval_item_groups": None}
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory):
+    """One cache for all tests: the tiny backbone is trained once and reused (content-keyed)."""
+    return str(tmp_path_factory.mktemp("allmrec_cache"))
+
+
+def _setup(shared_cache, model="ALLMRec", **overrides):
+    settings = {**FAST, "backbone_args": TINY_SASREC, "cache_dir": shared_cache, **overrides}
+    config = Config(model=model, config_file_list=[ML_TINY_YAML], config_dict=tiny_config(**settings))
+    config["cache_dir"] = shared_cache
+    dataset, train_data, valid_data, test_data = _prepare(config)
+    model_obj = _build_model(config, train_data)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model_obj)
+    return config, model_obj, trainer, train_data, test_data
+
+
+def test_cached_scoring_equals_full_forward():
+    llm, tokenizer = load_causal_lm("tiny-random-llama", dtype="float32")
+    embed = llm.get_input_embeddings()
+    torch.manual_seed(0)
+    prompt = embed(torch.tensor(tokenizer("pick one:").input_ids))
+    prompt = prompt + 0.1 * torch.randn_like(prompt)  # soft tokens are arbitrary vectors
+    continuations = [tokenizer(t).input_ids for t in (' "Heat"', ' "A much longer title"', "x")]
+    cached = score_continuations(llm, prompt, continuations, batch_size=2)
+    for score, ids in zip(cached, continuations):
+        full = torch.cat([prompt, embed(torch.tensor(ids))]).unsqueeze(0)
+        logp = F.log_softmax(llm(inputs_embeds=full).logits[0].float(), -1)
+        expected = sum(logp[len(prompt) - 1 + i, t] for i, t in enumerate(ids))
+        assert score.item() == pytest.approx(expected.item(), abs=1e-4)
+    mean = score_continuations(llm, prompt, continuations, reduction="mean")
+    assert mean[1].item() == pytest.approx(cached[1].item() / len(continuations[1]), abs=1e-4)
+    # the training loss is the mean negative log-likelihood of the target tokens
+    loss = target_token_loss(llm, [prompt, prompt[:3]], [continuations[0], continuations[1]])
+    short = score_continuations(llm, prompt[:3], [continuations[1]])
+    expected = -(cached[0] + short[0]) / (len(continuations[0]) + len(continuations[1]))
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_fit_sequences_keeps_the_most_recent_items():
+    seq = torch.tensor([[1, 2, 3, 4, 0], [5, 6, 0, 0, 0]])
+    out, lengths = fit_sequences(seq, torch.tensor([4, 2]), 3)
+    assert out.tolist() == [[2, 3, 4], [5, 6, 0]] and lengths.tolist() == [3, 2]
+
+
+def test_tiny_allmrec_trains_both_stages_with_decreasing_losses(shared_cache):
+    config, model, trainer, train_data, _ = _setup(
+        shared_cache, stage1_epochs=4, stage2_epochs=4, stage1_lr=0.01, stage2_lr=0.01, stage2_max_samples=4,
+        sbert_finetune="last")
+    trainer.fit(train_data, saved=True)
+    stage1 = [losses["loss"] for stage, _, losses in trainer.epoch_losses if stage == 1]
+    stage2 = [losses["loss"] for stage, _, losses in trainer.epoch_losses if stage == 2]
+    assert len(stage1) == 4 and len(stage2) == 4
+    assert stage1[-1] < stage1[0] and stage2[-1] < stage2[0]
+    assert set(trainer.stage_times) == {1, 2}
+
+
+def test_position_only_scorer_gets_chance_hit_at_1(shared_cache, monkeypatch):
+    config, model, trainer, _, test_data = _setup(shared_cache, eval_max_users=None)
+
+    def by_position(llm, prompt, continuations, *args, **kwargs):
+        return -torch.arange(len(continuations), dtype=torch.float)  # first shown candidate wins
+
+    monkeypatch.setattr(allmrec_module, "score_continuations", by_position)
+    result = trainer.evaluate(test_data, load_best_model=False)
+    users = len(set(test_data._dataset.inter_feat["user_id"].tolist()))
+    assert users >= 40
+    assert result["hit@1"] <= 0.2  # chance is 1/20; unshuffled, the positive (first row) would always win
+    # the seeded order itself: the positive (row 0) is shown first for ~1/20 of the users
+    first = sum(int(model.candidate_order(user, 20)[0] == 0) for user in range(4000)) / 4000
+    assert abs(first - 0.05) < 0.015
+    assert torch.equal(model.candidate_order(7, 20), model.candidate_order(7, 20))
+
+
+def test_checkpoint_holds_only_trainable_weights_and_round_trips(shared_cache):
+    config, model, trainer, train_data, test_data = _setup(shared_cache, stage1_epochs=1, stage2_lr=0.05)
+    trainer.fit(train_data, saved=True)
+    state = load_checkpoint(trainer.saved_model_file)["state_dict"]
+    assert not any(k.startswith(("llm.", "backbone.")) for k in state)
+    assert any(k.startswith("user_proj.") for k in state) and any(k.startswith("item_encoder.") for k in state)
+    batch = next(iter(test_data))[0]
+    before = model.predict(batch)
+    _, fresh, fresh_trainer, _, _ = _setup(shared_cache, stage1_epochs=1, stage2_lr=0.05)
+    assert not torch.allclose(fresh.predict(batch), before)
+    fresh_trainer.resume_checkpoint(trainer.saved_model_file)
+    assert torch.allclose(fresh.predict(batch), before)
+    assert fresh_trainer.start_epoch == len(fresh_trainer.plan)
+
+
+def _copy_dataset(tmp_path, name):
+    folder = tmp_path / "data" / name
+    folder.mkdir(parents=True)
+    for suffix in ("inter", "item", "user"):
+        shutil.copy(DATA_DIR / "ml-tiny" / f"ml-tiny.{suffix}", folder / f"{name}.{suffix}")
+    return str(tmp_path / "data")
+
+
+def test_backbone_from_another_dataset_is_refused(shared_cache, tmp_path):
+    other_data = _copy_dataset(tmp_path, "ml-other")
+    bpr = Config(model="BPR", config_file_list=[ML_TINY_YAML],
+                 config_dict=tiny_config(dataset="ml-other", data_path=other_data))
+    _, train_data, valid_data, _ = _prepare(bpr)
+    backbone = _build_model(bpr, train_data)
+    trainer = get_trainer(bpr["MODEL_TYPE"], "BPR")(bpr, backbone)
+    trainer.fit(train_data, valid_data, saved=True)
+    with pytest.raises(ValueError, match=r"ml-other.*ml-tiny"):
+        _setup(shared_cache, backbone_checkpoint=trainer.saved_model_file)
+
+
+def test_general_backbone_gives_user_token(shared_cache):
+    bpr = Config(model="BPR", config_file_list=[ML_TINY_YAML], config_dict=tiny_config())
+    _, train_data, valid_data, _ = _prepare(bpr)
+    trainer = get_trainer(bpr["MODEL_TYPE"], "BPR")(bpr, _build_model(bpr, train_data))
+    trainer.fit(train_data, valid_data, saved=True)
+    _, model, _, _, test_data = _setup(shared_cache, backbone_checkpoint=trainer.saved_model_file)
+    assert not model.backbone.sequential
+    scores = model.predict(next(iter(test_data))[0])
+    assert torch.isfinite(scores).all()
+
+
+def test_tallrec_trains_lora_weights_only(shared_cache):
+    config, model, trainer, train_data, test_data = _setup(shared_cache, model="TALLRec", stage2_max_samples=2)
+    assert model.backbone is None and trainer.stages == [2]
+    lora_before = {k: v.clone() for k, v in model.state_dict().items() if "lora_B" in k}
+    assert lora_before
+    trainer.fit(train_data, saved=True)
+    state = load_checkpoint(trainer.saved_model_file)["state_dict"]
+    assert all("lora_" in k for k in state if k.startswith("llm."))
+    assert any(not torch.equal(state[k], v) for k, v in lora_before.items())
+    assert torch.isfinite(model.predict(next(iter(test_data))[0])).all()
