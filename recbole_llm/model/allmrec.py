@@ -31,6 +31,7 @@ import hashlib
 import os
 import re
 import sys
+import time
 from logging import getLogger
 
 import numpy as np
@@ -53,11 +54,13 @@ ITEM_SOURCES = ("joint", "text")
 # with other values has other internal ids.
 ID_ARGUMENTS = ("USER_ID_FIELD", "ITEM_ID_FIELD", "rm_dup_inter", "val_interval",
                 "filter_inter_by_user_or_item", "user_inter_num_interval", "item_inter_num_interval")
+# Inherited settings that do not change the trained backbone (left out of its cache key).
+RUNTIME = ("checkpoint_dir", "torch_threads", "show_progress", "state", "device", "use_gpu")
 # Settings a backbone trained by ALLMRec inherits, so it sees the same data and split.
 INHERITED = ID_ARGUMENTS + (
     "load_col", "unload_col", "TIME_FIELD", "RATING_FIELD", "seed", "reproducibility",
     "MAX_ITEM_LIST_LENGTH", "scenario_seed", "cold_user_args", "few_shot_users", "cold_item_args",
-    "normalize_all", "checkpoint_dir", "torch_threads", "show_progress", "state", "device", "use_gpu",
+    "normalize_all", *RUNTIME,
 )
 
 
@@ -149,7 +152,8 @@ def train_backbone(config):
     from recbole_llm.utils import get_trainer
 
     bconfig, settings = backbone_config(config)
-    key = content_key("allmrec-backbone-v1", bconfig["model"], config["dataset"], settings)
+    data_and_model = {k: v for k, v in settings.items() if k not in RUNTIME}
+    key = content_key("allmrec-backbone-v1", bconfig["model"], config["dataset"], data_and_model)
     path = os.path.join(config["cache_dir"], "allmrec-backbones", f"{bconfig['model']}-{config['dataset']}-{key[:16]}.pth")
     logger = getLogger()
     if os.path.isfile(path):
@@ -161,7 +165,9 @@ def train_backbone(config):
     model = _build_model(bconfig, train_data)
     trainer = get_trainer(bconfig["MODEL_TYPE"], bconfig["model"])(bconfig, model)
     trainer.saved_model_file = path  # the checkpoint-safe trainer writes it atomically
+    began = time.time()
     trainer.fit(train_data, valid_data, saved=True, show_progress=bconfig["show_progress"])
+    logger.info(f"ALLMRec backbone time: {time.time() - began:.1f}s ({bconfig['model']}, {bconfig['epochs']} epochs)")
     return path
 
 

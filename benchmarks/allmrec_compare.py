@@ -1,0 +1,151 @@
+"""ALLMRec against its frozen backbone, LLM-Only and TALLRec, plus ALLMRec ablations, on one split.
+
+Every variant runs on the same dataset, split, scenarios (cold/warm items, cold users) and
+evaluation users (``eval_max_users``); the backbone checkpoint is the one ALLMRec trains and
+caches (content-keyed), so all variants share it. Before each evaluation the global seed is reset,
+so RecBole's uni19 sampler draws the same 19 negatives for every variant. Each finished variant is
+stored as JSON under ``--runs`` (skipped when run again); ``--table`` writes the markdown table.
+
+    nice -n 10 python benchmarks/allmrec_compare.py --dataset=ml-100k \\
+        --variants SASRec LLM-Only ALLMRec TALLRec --table results/allmrec_ml100k.md
+
+Variants (config overrides of ALLMRec or TALLRec) are in ``VARIANTS``; ``--set key=value`` (yaml
+values) overrides every variant, after ``benchmarks/allmrec_compare.yaml``.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from recbole.trainer import Trainer  # noqa: E402
+from recbole.utils import init_logger, init_seed  # noqa: E402
+
+from metallmrec_benchmark import parse_sets  # noqa: E402
+from recbole_llm.config import Config  # noqa: E402
+from recbole_llm.model.allmrec import load_backbone  # noqa: E402
+from recbole_llm.quick_start import _build_model, _evaluation_loaders, _prepare  # noqa: E402
+from recbole_llm.trainer.checkpoint import checkpoint_safe  # noqa: E402
+from recbole_llm.utils import get_trainer  # noqa: E402
+
+# name -> (model, overrides, what it is)
+VARIANTS = {
+    "SASRec": ("ALLMRec", {}, "the frozen backbone alone (its own scores)"),
+    "LLM-Only": ("ALLMRec", {"use_user_token": False, "use_item_tokens": False, "stages": []},
+                 "the same prompt without soft tokens, no training"),
+    "ALLMRec": ("ALLMRec", {}, "both stages, paper losses"),
+    "TALLRec": ("TALLRec", {}, "prompt without soft tokens, LoRA-tuned LLM on the same stage-2 samples"),
+    "ALLMRec-no-match": ("ALLMRec", {"match_weight": 0.0}, "ablation: no matching loss"),
+    "ALLMRec-no-recon": ("ALLMRec", {"item_recon_weight": 0.0, "text_recon_weight": 0.0},
+                         "ablation: no reconstruction losses"),
+    "ALLMRec-no-user-token": ("ALLMRec", {"use_user_token": False}, "ablation: no user soft token"),
+    "ALLMRec-SBERT-items": ("ALLMRec", {"item_embedding_source": "text"},
+                            "ablation: q_i = f_T(SBERT) for every item instead of the joint e_i"),
+    "ALLMRec-match-norm": ("ALLMRec", {"match_norm": "batch"}, "ours: batch-standardised matching loss"),
+}
+GROUPS = ("test", "cold_items", "warm_items", "cold_users")
+
+
+def evaluate_groups(config, trainer, test_data, groups, only=None):
+    results, seconds, users = {}, {}, {}
+    for name, loader in {"test": test_data, **groups}.items():
+        if only and name not in only:
+            continue
+        init_seed(config["seed"], config["reproducibility"])  # same sampled negatives for every variant
+        began = time.time()
+        results[name] = dict(trainer.evaluate(loader, load_best_model=False, show_progress=False))
+        seconds[name] = round(time.time() - began, 1)
+        users[name] = len(set(loader._dataset.inter_feat[config["USER_ID_FIELD"]].tolist()))
+    return results, seconds, users
+
+
+def run_variant(name, dataset, settings, only_groups=None):
+    model_name, overrides, _ = VARIANTS[name]
+    config = Config(model=model_name, dataset=dataset, config_dict={**settings, **overrides})
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    data, train_data, valid_data, test_data = _prepare(config)
+    test_data, groups = _evaluation_loaders(config, data, test_data)
+    record = {"variant": name, "model": model_name, "overrides": overrides, "settings": settings}
+    began = time.time()
+    if name == "SASRec":
+        backbone = load_backbone(config, train_data._dataset).model
+        trainer = checkpoint_safe(Trainer)(config, backbone)
+    else:
+        model = _build_model(config, train_data)
+        record["build_seconds"] = round(time.time() - began, 1)
+        trainer = get_trainer(config["MODEL_TYPE"], model_name)(config, model)
+        trainer.fit(train_data, None, saved=False, show_progress=False)
+        record["stage_seconds"] = {str(k): round(v, 1) for k, v in trainer.stage_times.items()}
+        record["epoch_losses"] = [[stage, epoch, losses] for stage, epoch, losses in trainer.epoch_losses]
+    record["results"], record["eval_seconds"], record["eval_users"] = evaluate_groups(config, trainer, test_data, groups, only_groups)
+    record["machine"] = {"cpu_count": os.cpu_count(), "torch_threads": config["torch_threads"], "python": platform.python_version()}
+    return record
+
+
+def write_table(runs_dir, out, command):
+    records = {}
+    for path in sorted(Path(runs_dir).glob("*.json")):
+        record = json.loads(path.read_text())
+        records[record["variant"]] = record
+    order = [v for v in VARIANTS if v in records]
+    lines = [f"# ALLMRec on {out.stem.split('_')[-1]}: uni19 Hit@1 (1 positive + 19 sampled negatives)", "",
+             f"Command: `{command}`", "",
+             "| variant | what | " + " | ".join(GROUPS) + " | Hit@5 / Hit@10 (test) | train s (stage 1 / 2) | test eval s (users) |",
+             "|---|---|" + "---|" * len(GROUPS) + "---|---|---|"]
+    for name in order:
+        r = records[name]
+        hits = [f"{r['results'][g]['hit@1']:.3f}" if g in r["results"] else "-" for g in GROUPS]
+        stages = r.get("stage_seconds", {})
+        train = " / ".join(str(stages.get(s, "-")) for s in ("1", "2")) if stages else "-"
+        test = r["results"]["test"]
+        lines.append(f"| {name} | {VARIANTS[name][2]} | " + " | ".join(hits)
+                     + f" | {test['hit@5']:.3f} / {test['hit@10']:.3f} | {train} | "
+                     f"{r['eval_seconds']['test']} ({r['eval_users']['test']}) |")
+    users = {g: records[order[0]]["eval_users"].get(g) for g in GROUPS} if order else {}
+    lines += ["", f"Evaluation users per group: {users}.", ""]
+    out.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--variants", nargs="*", default=["SASRec", "LLM-Only", "ALLMRec", "TALLRec"])
+    parser.add_argument("--config", default=str(ROOT / "benchmarks" / "allmrec_compare.yaml"))
+    parser.add_argument("--runs", default=None, help="folder of per-variant JSON (default results/allmrec_runs/<dataset>)")
+    parser.add_argument("--table", default=None, help="markdown table to write from every stored run")
+    parser.add_argument("--set", nargs="*", default=[], help="key=value overrides for every variant")
+    parser.add_argument("--groups", nargs="*", default=None, help=f"evaluate only these of {GROUPS} (default all)")
+    args = parser.parse_args()
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    settings = yaml.safe_load(Path(args.config).read_text()) or {}
+    settings.update(parse_sets(args.set))
+    runs_dir = Path(args.runs or ROOT / "results" / "allmrec_runs" / args.dataset)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    sys.argv = sys.argv[:1]  # RecBole's Config would read our flags as --key=value
+    for name in args.variants:
+        path = runs_dir / f"{name}.json"
+        if path.exists():
+            print(f"{name}: stored in {path}, skipped")
+            continue
+        record = run_variant(name, args.dataset, settings, args.groups)
+        path.write_text(json.dumps(record, indent=1, default=str))
+        print(f"{name}: {record['results']['test']} -> {path}", flush=True)
+    if args.table:
+        command = "nice -n 10 python benchmarks/allmrec_compare.py --dataset=" + args.dataset + " --variants " + " ".join(VARIANTS)
+        write_table(runs_dir, Path(args.table), command)
+
+
+if __name__ == "__main__":
+    main()
