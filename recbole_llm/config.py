@@ -2,12 +2,15 @@
 
 Internal yaml is layered as RecBole's own (overall, model, sample, dataset, quick-start by model
 type) followed by ours: ``properties/overall.yaml``, ``properties/dataset/<dataset>.yaml``,
-``properties/model/<Model>.yaml``. Model yaml (a plugin parent class's first) comes last among ours because a model's needs (e.g.
-raw ratings for MetaLLMRec) must beat dataset defaults. Everything internal stays below the user's
+``properties/model/<Model>.yaml``. Model yaml (a plugin parent class's first) comes last among
+ours because a model's needs (e.g. raw ratings for MetaLLMRec) must beat dataset defaults; a
+wrapped base model's yaml (AugBPR's ``base_model``) comes first. Everything internal stays below the user's
 config files, ``config_dict`` and ``--key=value`` command-line arguments, exactly as in RecBole.
 """
 import os
+from pathlib import Path
 
+import recbole
 from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
 
@@ -29,6 +32,11 @@ class Config(RecBoleConfig):
             model_name, model_class = model, get_model(model)
         else:
             model_name, model_class = model.__name__, model
+        # A model that wraps another (AugBPR) takes its type and input type from the wrapped one,
+        # which only the configuration names; such a class returns a class specialised for it.
+        for_config = getattr(model_class, "for_config", None)
+        if for_config is not None:
+            model_class = for_config(self.external_config_dict)
 
         if dataset is None:
             dataset = self.external_config_dict.get("dataset")
@@ -47,8 +55,14 @@ class Config(RecBoleConfig):
         # parents' yaml and overrides what differs.
         parents = [cls.__name__ for cls in reversed(model_class.__mro__[1:])
                    if cls.__module__.startswith("recbole_llm.model.")]
-        model_files = [PROPERTIES_DIR / "model" / f"{name}.yaml" for name in parents + [model]]
-        for path in (overall, dataset_file, *model_files):
+        model_files = [PROPERTIES_DIR / "model" / f"{name}.yaml" for name in dict.fromkeys(parents + [model])]
+        # A wrapped base model's own defaults (RecBole's yaml, then ours) come before the wrapper's.
+        base = getattr(model_class, "base_model_name", None)
+        base_files = []
+        if base:
+            base_files = [Path(recbole.__file__).parent / "properties" / "model" / f"{base}.yaml",
+                          PROPERTIES_DIR / "model" / f"{base}.yaml"]
+        for path in (*base_files, overall, dataset_file, *model_files):
             if not path.is_file():
                 continue
             loaded = self._update_internal_config_dict(str(path)) or {}

@@ -51,11 +51,8 @@ def _train_and_test(config, saved, verbose):
     )
     test_data, groups = _evaluation_loaders(config, dataset, test_data)
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"] and verbose)
-    group_results = {
-        name: trainer.evaluate(loader, load_best_model=False, show_progress=False)
-        for name, loader in groups.items()
-    }
-    return trainer, {
+    group_results = _evaluate_groups(trainer, groups)
+    result = {
         "model": config["model"],
         "best_valid_score": best_valid_score,
         "valid_score_bigger": config["valid_metric_bigger"],
@@ -63,6 +60,19 @@ def _train_and_test(config, saved, verbose):
         "test_result": test_result,
         "group_results": group_results,
     }
+    if groups and not hasattr(dataset, "evaluation_loaders"):
+        # The same groups on the validation rows, so settings can be chosen per group without
+        # looking at test numbers.
+        result["valid_group_results"] = _evaluate_groups(trainer, scenarios.group_loaders(config, dataset, valid_data)[1])
+    report = getattr(model, "extra_results", None)
+    if report is not None:  # model-specific figures (e.g. AugBPR's judge quality and timing)
+        result["extra_results"] = report(train_data, valid_data, test_data)
+    return trainer, result
+
+
+def _evaluate_groups(trainer, loaders):
+    return {name: trainer.evaluate(loader, load_best_model=False, show_progress=False)
+            for name, loader in loaders.items()}
 
 
 def format_results(result):
@@ -103,6 +113,8 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
     logger.info(set_color("test result", "yellow") + f": {dict2str(result['test_result'])}")
     for name, values in result["group_results"].items():
         logger.info(set_color(f"test [{name}]", "yellow") + f": {dict2str(values)}")
+    for name, values in result.get("extra_results", {}).items():
+        logger.info(set_color(name, "yellow") + f": {values}")
     logger.info("\n" + format_results(result))
     return result
 

@@ -17,7 +17,9 @@ result. All settings are ordinary config keys (off by default, see ``properties/
     (LLM rankers on CPU).
 ``cold_item_args``  ``{ratio: 0.2, by: time|random}``: that share of items becomes cold-start: every
     training interaction with them is removed, validation and test keep them; groups
-    ``cold_start_items`` and ``warm_start_items`` are evaluated separately. ``by: time`` picks the
+    ``cold_start_items`` and ``warm_start_items`` are evaluated separately (ranked among all items),
+    and with full ranking also ``cold_start_items@cold``: cold-start items ranked among the
+    cold-start items only (every warm item scored -inf), the setting of cold-start papers. ``by: time`` picks the
     items whose first interaction is latest (new items), ``random`` a seeded random share.
 
 Seeds come from ``scenario_seed`` (default: the run's ``seed``), so every model run with the same
@@ -27,6 +29,7 @@ from logging import getLogger
 
 import numpy as np
 import torch
+from recbole.data.dataloader import FullSortEvalDataLoader
 
 
 def _rng(config):
@@ -237,6 +240,12 @@ def group_loaders(config, dataset, test_loader):
             loaders[name] = _rebuild_loader(config, test_loader, rows)
         else:
             getLogger().warning(f"Evaluation group [{name}] has no test rows; skipped.")
+        if name == "cold_start_items" and rows.any():
+            if isinstance(test_loader, FullSortEvalDataLoader):
+                loaders[f"{name}@cold"] = CandidateMaskedLoader(
+                    config, test_data.copy(test_data.inter_feat[rows]), test_loader._sampler, excluded=~mask)
+            else:
+                getLogger().warning("Group [cold_start_items@cold] needs full ranking (eval mode full); skipped.")
     if "cold_users" in groups:
         cold = groups["cold_users"][1][test_data.inter_feat[uid]]
         test_loader = _rebuild_loader(config, test_loader, ~cold)
@@ -255,6 +264,24 @@ def limit_users(config, loader):
         return loader
     chosen = np.sort(_rng(config).choice(unique, size=int(limit), replace=False))
     return _rebuild_loader(config, loader, torch.from_numpy(np.isin(users.numpy(), chosen)))
+
+
+class CandidateMaskedLoader(FullSortEvalDataLoader):
+    """Full ranking among a subset of the items: the ``excluded`` ones (bool mask over item ids)
+    are added to every user's masked history, so their scores are -inf for any model."""
+
+    def __init__(self, config, dataset, sampler, excluded, shuffle=False):
+        self.excluded_items = torch.nonzero(excluded, as_tuple=False).squeeze(1)
+        super().__init__(config, dataset, sampler, shuffle=shuffle)
+
+    def collate_fn(self, index):
+        interaction, history, positive_u, positive_i = super().collate_fn(index)
+        n_rows, n_excluded = len(interaction), len(self.excluded_items)
+        rows = torch.arange(n_rows).repeat_interleave(n_excluded)
+        items = self.excluded_items.repeat(n_rows)
+        if history is not None:
+            rows, items = torch.cat([history[0], rows]), torch.cat([history[1], items])
+        return interaction, (rows, items), positive_u, positive_i
 
 
 def _rebuild_loader(config, loader, rows):

@@ -77,14 +77,19 @@ class Cache:
         atomic_save(obj, path)
         return obj
 
-    def chunked(self, path, n_items, chunk_size, compute_chunk, desc="computing", show_progress=True):
+    def chunked(self, path, n_items, chunk_size, compute_chunk, desc="computing", show_progress=True,
+                stats=None):
         """Concatenation of ``compute_chunk(start, stop)`` over ``range(0, n_items, chunk_size)``.
 
         Finished chunks are saved under ``<path>.parts/`` and reused after an interruption; the
-        whole result is saved at ``path`` and the parts removed.
+        whole result is saved at ``path`` and the parts removed. A ``stats`` dict, if given, gets
+        the number of items ``computed`` now and ``reused`` from the cache.
         """
+        stats = {} if stats is None else stats
+        stats.update(computed=0, reused=0)
         cached = self.get(path)
         if cached is not None:
+            stats["reused"] = n_items
             return cached
         from tqdm import tqdm
 
@@ -98,6 +103,9 @@ class Cache:
                 piece = self.get(part_path)
                 if piece is None:
                     piece = self.put(part_path, compute_chunk(start, stop))
+                    stats["computed"] += stop - start
+                else:
+                    stats["reused"] += stop - start
                 pieces.append(piece)
                 bar.update(stop - start)
         result = _concat(pieces)

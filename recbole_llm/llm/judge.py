@@ -1,0 +1,303 @@
+"""Pairwise preference judges: which of two items would a user rather have, given their history?
+
+Used by AugBPR (``recbole_llm/model/augbpr.py``) to make synthetic training pairs between
+cold-start items, and to measure how often a judge agrees with held-out interactions.
+
+A *pair* is a row ``(user, a, b)`` of internal ids. Every judge returns, per pair, a float tensor
+``[n, 2]``: the probability that ``a`` is preferred, asked with ``a`` shown first (column 0) and
+with ``b`` shown first (column 1). The mean of the two columns is the decision (``a`` if above 0.5)
+and its distance from 0.5 the confidence. This one format serves both judges and their cache.
+
+* ``LLMJudge``: a chat prompt listing the user's last ``judge_history_len`` item titles and the two
+  candidates as options A and B; the answer is read from the next-token log-probabilities of "A"
+  and "B" (no generated text is parsed). Asking in both orders cancels the LLM's position bias.
+* ``EmbeddingJudge``: cosine similarity between the sentence embedding of the history text and of
+  each candidate's text (``llm/encoder.py``); order-free, so both columns are equal.
+
+Judgements are cached by content (the prompts' texts and the judge's identity), computed in chunks
+that survive an interruption (``llm/cache.Cache.chunked``), with a progress bar and a throughput line.
+"""
+import time
+from logging import getLogger
+
+import numpy as np
+import torch
+
+from recbole_llm.llm import models
+from recbole_llm.llm.cache import Cache, content_key
+
+JUDGES = ("llm", "embedding")
+
+
+class LLMJudge:
+    """A causal LLM asked "A or B?"; the decision comes from next-token log-probabilities."""
+
+    def __init__(self, name, histories, titles, history_len=10, words=None, dtype="auto", device="cpu",
+                 batch_size=8):
+        self.name = name
+        self.histories = histories
+        self.titles = titles
+        self.history_len = int(history_len)
+        self.words = {"items": "items", "past_verb": "interacted with", "verb": "choose", **(words or {})}
+        self.dtype, self.device, self.batch_size = dtype, device, int(batch_size)
+        self.resolved = models.resolve(name)
+        self._loaded = None
+
+    @property
+    def identity(self):
+        return ["llm-judge-v2", self.resolved.identity, str(models.resolve_dtype(self.dtype, self.device)),
+                self.words]
+
+    def describe(self, pairs):
+        """What determines each judgement: history titles and the two candidates' titles."""
+        return [(self._history_titles(u), self.titles[a], self.titles[b]) for u, a, b in pairs.tolist()]
+
+    def _history_titles(self, user):
+        return tuple(self.titles[i] for i in self.histories[user][-self.history_len:])
+
+    def question(self, history_titles):
+        """The part of the message shared by every pair of one user (and both orders)."""
+        w = self.words
+        listed = "\n".join(f"- {title}" for title in history_titles)
+        return (f"I have {w['past_verb']} these {w['items']}, oldest first:\n{listed}\n\n"
+                f"Which of these two {w['items']} would I rather {w['verb']} next?\n")
+
+    @staticmethod
+    def options(option_a, option_b):
+        return f"A: {option_a}\nB: {option_b}\nAnswer with A or B only."
+
+    def _load(self):
+        if self._loaded is None:
+            model, tokenizer = models.load_causal_lm(self.name, self.dtype, self.device)
+            chat = bool(getattr(tokenizer, "chat_template", None))
+            # With a chat template the answer is the assistant's first token ("A"); a plain prompt
+            # ends with "Answer:" and the answer token carries a leading space (" A") if the
+            # vocabulary has such a token.
+            options = [tokenizer.encode(o, add_special_tokens=False) for o in "AB"]
+            spaced = [tokenizer.encode(" " + o, add_special_tokens=False) for o in "AB"]
+            if not chat and all(len(ids) == 1 for ids in spaced):
+                options = spaced
+            if any(len(ids) != 1 for ids in options) or options[0] == options[1]:
+                raise ValueError(f"LLM judge '{self.name}': options A/B are not single distinct tokens: {options}")
+            self._loaded = (model, tokenizer, chat, [ids[0] for ids in options])
+        return self._loaded
+
+    def prompt_parts(self, history_titles):
+        """``(prefix, after)``: the prompt is ``prefix + options(a, b) + after`` (chat template applied)."""
+        _, tokenizer, chat, _ = self._load()
+        question = self.question(history_titles)
+        if not chat:
+            return question, "\nAnswer:"
+        marker = "\x00OPTIONS\x00"
+        full = tokenizer.apply_chat_template([{"role": "user", "content": question + marker}], tokenize=False,
+                                             add_generation_prompt=True)
+        cut = full.index(marker)
+        return full[:cut], full[cut + len(marker):]
+
+    @torch.no_grad()
+    def option_logprobs(self, prefix, suffixes):
+        """``[len(suffixes), 2]`` next-token log-probabilities of "A" and "B" after ``prefix + suffix``.
+
+        The prefix (system prompt, history, question) is run once; its key/value cache serves every
+        suffix (the options in both orders for each of the user's pairs), left-padded in one batch.
+        """
+        model, tokenizer, chat, option_ids = self._load()
+        prefix_ids = torch.tensor([tokenizer.encode(prefix, add_special_tokens=not chat)], device=self.device)
+        out = torch.empty(len(suffixes), 2)
+        for start in range(0, len(suffixes), self.batch_size):
+            batch = [tokenizer.encode(s, add_special_tokens=False) for s in suffixes[start:start + self.batch_size]]
+            cache = model(input_ids=prefix_ids, use_cache=True).past_key_values
+            cache.batch_repeat_interleave(len(batch))
+            width, known = max(len(ids) for ids in batch), prefix_ids.shape[1]
+            ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros(len(batch), known + width, dtype=torch.long)
+            mask[:, :known] = 1
+            for row, suffix in enumerate(batch):
+                ids[row, width - len(suffix):] = torch.tensor(suffix)
+                mask[row, known + width - len(suffix):] = 1
+            positions = known + (mask[:, known:].cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                           position_ids=positions.to(self.device), past_key_values=cache,
+                           logits_to_keep=1).logits[:, -1].float()
+            out[start:start + len(batch)] = logits.log_softmax(-1)[:, option_ids].cpu()
+        return out
+
+    def score(self, pairs):
+        """Both orders of every pair; the pairs of one user share one prompt prefix."""
+        described = self.describe(pairs)
+        probs = torch.empty(len(described), 2)
+        by_history = {}
+        for row, (history, _, _) in enumerate(described):
+            by_history.setdefault(history, []).append(row)
+        for history, rows in by_history.items():
+            prefix, after = self.prompt_parts(list(history))
+            suffixes = []
+            for row in rows:
+                _, title_a, title_b = described[row]
+                suffixes += [self.options(title_a, title_b) + after, self.options(title_b, title_a) + after]
+            logprobs = self.option_logprobs(prefix, suffixes).view(len(rows), 2, 2)
+            # two-way normalisation P(A | A or B); with b shown first, "B" means a
+            probs[rows, 0] = logprobs[:, 0].softmax(-1)[:, 0]
+            probs[rows, 1] = logprobs[:, 1].softmax(-1)[:, 1]
+        return probs
+
+
+class EmbeddingJudge:
+    """Cosine similarity of the history text and each candidate's text in a sentence encoder."""
+
+    chunk_size = 1 << 20  # scoring is a lookup once the embeddings exist: one chunk
+
+    def __init__(self, embed, identity, histories, texts, history_len=10):
+        self.embed = embed  # texts -> float tensor [n, dim], cached (encoder.embed_from_config)
+        self.encoder_identity = identity
+        self.histories = histories
+        self.texts = texts
+        self.history_len = int(history_len)
+        self.name = "embedding"
+        self._vectors = None
+
+    @property
+    def identity(self):
+        return ["embedding-judge-v1", self.encoder_identity]
+
+    def history_text(self, user):
+        return " ".join(self.texts[i] for i in self.histories[user][-self.history_len:])
+
+    def describe(self, pairs):
+        return [(self.history_text(u), self.texts[a], self.texts[b]) for u, a, b in pairs.tolist()]
+
+    def _embeddings(self):
+        """Unit vectors of every user's history text and every item's text (one cached batch each)."""
+        if self._vectors is None:
+            users = [u for u, h in enumerate(self.histories) if len(h)]
+            embedded = torch.nn.functional.normalize(self.embed([self.history_text(u) for u in users]), dim=-1)
+            user_vec = torch.zeros(len(self.histories), embedded.shape[1])
+            user_vec[torch.as_tensor(users)] = embedded
+            item_vec = torch.nn.functional.normalize(self.embed(list(self.texts[1:])), dim=-1)
+            self._vectors = user_vec, torch.cat([torch.zeros(1, item_vec.shape[1]), item_vec])
+        return self._vectors
+
+    def score(self, pairs):
+        user_vec, item_vec = self._embeddings()
+        u, a, b = pairs.T
+        diff = (user_vec[u] * item_vec[a]).sum(-1) - (user_vec[u] * item_vec[b]).sum(-1)
+        prob = (2 + diff) / 4  # cosine difference in [-2, 2] mapped monotonically onto [0, 1]
+        return torch.stack([prob, prob], dim=1)
+
+
+def judge_pairs(judge, pairs, cache_dir, chunk_size=None, show_progress=True):
+    """``(probs [n, 2], report)`` for ``pairs`` [n, 3], computed once and reused from the cache.
+
+    ``report`` holds the counts computed now / reused, the seconds spent and the throughput.
+    """
+    pairs = torch.as_tensor(pairs, dtype=torch.long)
+    chunk_size = chunk_size or getattr(judge, "chunk_size", 128)
+    cache = Cache(cache_dir)
+    key = content_key("pair-judgements-v1", judge.identity, judge.describe(pairs))
+    path = cache.path("judgements", judge.name, key)
+    stats = {}
+    start = time.time()
+    probs = cache.chunked(path, len(pairs), chunk_size, lambda s, e: judge.score(pairs[s:e]),
+                          desc=f"Judging {len(pairs)} pairs with {judge.name}", show_progress=show_progress,
+                          stats=stats)
+    seconds = time.time() - start
+    rate = stats["computed"] / seconds if stats["computed"] else float("nan")
+    getLogger().info(
+        f"Judged {len(pairs)} pairs with {judge.name}: {stats['computed']} computed, {stats['reused']} "
+        f"reused, {seconds:.1f} s ({rate:.2f} pairs/s computed); cache {path}"
+    )
+    return probs, {"pairs": len(pairs), **stats, "seconds": round(seconds, 1), "pairs_per_s": round(rate, 2)}
+
+
+def decide(probs, min_confidence=0.0):
+    """``(keep, a_wins, confidence)``: pairs judged with more than ``min_confidence``
+    (``|2p - 1|`` of the order-averaged probability ``p``; exact ties are always dropped)."""
+    p = probs.float().mean(1)
+    confidence = (2 * p - 1).abs()
+    keep = (confidence > min_confidence) & (p != 0.5)
+    return keep, p > 0.5, confidence
+
+
+def order_diagnostics(probs):
+    """How much the two orders matter: share of answers that pick the option shown first, and
+    share of pairs where both orders pick the same item."""
+    a_first_says_a, b_first_says_a = probs[:, 0] > 0.5, probs[:, 1] > 0.5
+    first_shown_wins = torch.cat([a_first_says_a, ~b_first_says_a]).float().mean().item()
+    agree = (a_first_says_a == b_first_says_a).float().mean().item()
+    return {"first_shown_wins": round(first_shown_wins, 3), "orders_agree": round(agree, 3)}
+
+
+def pairwise_accuracy(probs):
+    """Share of truth pairs ``(user, positive, negative)`` judged in favour of the positive (ties
+    count one half); chance is 0.5."""
+    p = probs.float().mean(1)
+    return ((p > 0.5).float() + 0.5 * (p == 0.5).float()).mean().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# what to judge
+
+
+def sample_pairs(histories, candidates, users_per_item, pairs_per_user, min_history, seed):
+    """Pairs ``(user, a, b)``: for every candidate item ``a``, ``users_per_item`` random users with at
+    least ``min_history`` training items, each with ``pairs_per_user`` other random candidates ``b``."""
+    candidates = np.sort(np.asarray(list(candidates), dtype=np.int64))
+    if len(candidates) < 2:
+        raise ValueError(f"judging pairs needs at least 2 candidate (cold-start) items, got {len(candidates)}")
+    users = np.array([u for u, h in enumerate(histories) if len(h) >= min_history], dtype=np.int64)
+    if len(users) == 0:
+        longest = max((len(h) for h in histories), default=0)
+        raise ValueError(f"no user has at least aug_min_history={min_history} training items "
+                         f"(the longest history has {longest}); lower aug_min_history")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for a in candidates:
+        chosen = rng.choice(users, size=min(users_per_item, len(users)), replace=False)
+        for user in chosen:
+            others = rng.choice(len(candidates) - 1, size=min(pairs_per_user, len(candidates) - 1), replace=False)
+            others = np.where(others >= np.searchsorted(candidates, a), others + 1, others)  # skip a
+            rows += [(user, a, candidates[o]) for o in others]
+    return torch.as_tensor(np.array(rows, dtype=np.int64).reshape(-1, 3))
+
+
+def truth_pairs(held_out, interacted, candidates, histories, min_history, max_pairs, seed):
+    """Held-out truth ``(user, positive, negative)``: ``positive`` is a candidate the user interacted
+    with in ``held_out`` (pairs of user and item ids), ``negative`` a random candidate the user never
+    interacted with (``interacted[user]`` = set of all their items); users need ``min_history``."""
+    candidates = np.sort(np.asarray(list(candidates), dtype=np.int64))
+    is_candidate = set(candidates.tolist())
+    rng = np.random.default_rng(seed)
+    rows = []
+    for user, item in held_out:
+        if item not in is_candidate or len(histories[user]) < min_history:
+            continue
+        for _ in range(20):  # rejection sampling; candidates far outnumber one user's items
+            negative = int(candidates[rng.integers(len(candidates))])
+            if negative not in interacted[user]:
+                rows.append((user, item, negative))
+                break
+    rows = np.array(rows, dtype=np.int64).reshape(-1, 3)
+    if len(rows) > max_pairs:
+        rows = rows[np.sort(rng.choice(len(rows), size=max_pairs, replace=False))]
+    return torch.as_tensor(rows)
+
+
+def judge_from_config(config, histories, item_titles, item_texts):
+    """The judge named by ``judge`` (llm | embedding) with the run's model and prompt settings."""
+    kind = config["judge"]
+    if kind not in JUDGES:
+        raise ValueError(f"judge must be one of {JUDGES}, got {kind!r}")
+    history_len = int(config["judge_history_len"])
+    if history_len < 1:
+        raise ValueError(f"judge_history_len must be at least 1, got {history_len}")
+    if kind == "llm":
+        words = {key: config[f"prompt_{name}"] for key, name in
+                 (("items", "items_noun"), ("past_verb", "past_verb"), ("verb", "verb")) if config[f"prompt_{name}"]}
+        return LLMJudge(config["llm"], histories, item_titles, history_len, words, dtype=config["llm_dtype"] or "auto",
+                        device=config["device"], batch_size=config["judge_batch_size"])
+    from recbole_llm.llm.encoder import TextEmbedder, embed_from_config
+
+    identity = TextEmbedder(config["text_encoder"], config["text_pooling"] or "auto", max_length=config["text_max_length"] or 256,
+                            normalize=bool(config["text_normalize"])).identity
+    return EmbeddingJudge(lambda texts: embed_from_config(config, texts, namespace="judge"), identity,
+                          histories, item_texts, history_len)

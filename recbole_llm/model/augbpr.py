@@ -1,0 +1,205 @@
+"""AugBPR (Wang et al., WWW 2024, "LLMs as data augmenters for cold-start item recommendation").
+
+Any RecBole model, named by ``base_model`` (general: BPR, NeuMF, LightGCN, ...; sequential:
+SASRec, GRU4Rec, ...), is trained with its own loss plus an auxiliary pairwise loss over
+synthetic preferences between cold-start items::
+
+    loss = base loss + aug_weight * mean over judged pairs of -log sigmoid(s(u, pos) - s(u, neg))
+
+The pairs come from a judge (``recbole_llm/llm/judge.py``): for every cold-start item
+(``cold_item_args``), ``aug_users_per_item`` users with at least ``aug_min_history`` training items
+are paired with ``aug_pairs_per_user`` other cold-start items, and the judge (an LLM asked "A or
+B?" in both orders, or a sentence-embedding similarity) says which one the user prefers. Scores
+``s`` come from the base model's own ``predict``, so the loss reaches any model's item
+representations; cold-start items otherwise receive no positive training signal. ``predict`` and
+``full_sort_predict`` are the base model's: no LLM at serving time.
+
+The model type, input type and dataset class follow the base model (``for_config``), and the base
+model's yaml defaults are loaded under ``properties/model/AugBPR.yaml``. Judged pairs are sampled
+with ``aug_seed`` (not the training seed), so runs with several seeds and base models share one
+set of cached judgements.
+"""
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from recbole.data.interaction import Interaction
+from recbole.model.abstract_recommender import AbstractRecommender
+from recbole.utils import ModelType
+
+from recbole_llm import PROPERTIES_DIR
+from recbole_llm.data.history import user_histories
+from recbole_llm.data.text import TextSideInformation
+from recbole_llm.llm import judge as judges
+
+
+def base_model_class(name):
+    """The RecBole or plugin model class named ``name``, refusing names that are not models."""
+    from recbole_llm.utils import get_model
+
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"AugBPR needs base_model, the name of a RecBole model (e.g. SASRec), got {name!r}")
+    try:
+        base = get_model(name)
+    except ValueError as error:
+        raise ValueError(f"base_model: {error}") from None
+    if hasattr(base, "for_config"):
+        raise ValueError(f"base_model={name} wraps another model itself; name a RecBole model such as BPR or SASRec")
+    return base
+
+
+_SPECIALISED = "AugBPR__"
+
+
+@lru_cache(maxsize=None)
+def _specialised(base_name):
+    base = base_model_class(base_name)
+    name = f"{_SPECIALISED}{base_name}"
+    attributes = {"type": base.type, "base_model_name": base_name, "__module__": __name__, "__qualname__": name,
+                  "__doc__": AugBPR.__doc__}
+    if hasattr(base, "input_type"):  # sequential models leave it to their loss_type (RecBole's Config)
+        attributes["input_type"] = base.input_type
+    return type(name, (AugBPR,), attributes)
+
+
+def __getattr__(name):
+    # Configs pickled in checkpoints refer to the specialised class by name (AugBPR__SASRec).
+    if name.startswith(_SPECIALISED):
+        return _specialised(name[len(_SPECIALISED):])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class AugBPR(AbstractRecommender):
+    type = ModelType.GENERAL  # replaced by the base model's, as is input_type (see for_config)
+    base_model_name = None
+
+    @classmethod
+    def for_config(cls, external_config):
+        """This class with the type and input type of the configured ``base_model`` (read by Config
+        before any yaml default is known, hence the fallback to AugBPR.yaml)."""
+        name = external_config.get("base_model")
+        if name is None:
+            with open(PROPERTIES_DIR / "model" / "AugBPR.yaml") as f:
+                name = yaml.safe_load(f)["base_model"]
+        return _specialised(name)
+
+    def __init__(self, config, dataset):
+        super().__init__()
+        base = base_model_class(config["base_model"])
+        self.type = base.type
+        # The base model is built first, so its initial weights are those of a plain run with the
+        # same seed (judging may draw random numbers when it loads a model).
+        self.base = base(config, dataset)
+        self.device = config["device"]
+        self.aug_weight = float(config["aug_weight"])
+        self.aug_batch_size = int(config["aug_batch_size"])
+        self.uid_field, self.iid_field = dataset.uid_field, dataset.iid_field
+        self.config = config
+
+        cold = getattr(dataset, "cold_start_item_ids", None)
+        if not cold:
+            raise ValueError("AugBPR judges pairs of cold-start items: set cold_item_args, e.g. {ratio: 0.2, by: time}")
+        self.cold_items = sorted(cold)
+        self.histories = user_histories(dataset)
+        self.min_history = int(config["aug_min_history"])
+        if self.min_history < 1:
+            raise ValueError(f"aug_min_history must be at least 1 (a judge needs a history), got {self.min_history}")
+        side = TextSideInformation(config, dataset)
+        title_key = "item_title_template" if config["item_title_template"] else "item_text_template"
+        self.judge = judges.judge_from_config(config, self.histories, side.texts("item", title_key),
+                                              side.texts("item", "item_text_template"))
+
+        pairs = judges.sample_pairs(self.histories, self.cold_items, int(config["aug_users_per_item"]),
+                                    int(config["aug_pairs_per_user"]), self.min_history, config["aug_seed"])
+        probs, report = self._judge(pairs)
+        keep, a_wins, _ = judges.decide(probs, float(config["aug_min_confidence"]))
+        users, a, b = pairs.T
+        judged = torch.stack([users, torch.where(a_wins, a, b), torch.where(a_wins, b, a)], dim=1)[keep]
+        self.register_buffer("aug_pairs", judged.to(self.device), persistent=False)
+        self.judge_report = {**report, "kept": int(keep.sum()), "dropped": int((~keep).sum()),
+                             **judges.order_diagnostics(probs)}
+        self.logger.info(f"AugBPR judged pairs ({config['judge']} judge): {self.judge_report}")
+        self._free_judge()
+
+        if self.type == ModelType.SEQUENTIAL:
+            self._register_sequences(config)
+
+    def _judge(self, pairs):
+        return judges.judge_pairs(self.judge, pairs, self.config["cache_dir"], self.config["judge_chunk_size"],
+                                  show_progress=bool(self.config["show_progress"]))
+
+    def _free_judge(self):
+        if hasattr(self.judge, "_loaded"):
+            self.judge._loaded = None  # the LLM is not needed while training; reloaded on demand
+
+    def _register_sequences(self, config):
+        """Each user's latest training sequence, the input a sequential model scores items after."""
+        max_len = int(config["MAX_ITEM_LIST_LENGTH"])
+        sequences = torch.zeros(len(self.histories), max_len, dtype=torch.long)
+        lengths = torch.zeros(len(self.histories), dtype=torch.long)
+        for user, history in enumerate(self.histories):
+            history = history[-max_len:]
+            sequences[user, :len(history)] = torch.as_tensor(history)
+            lengths[user] = len(history)
+        self.item_seq_field = self.iid_field + config["LIST_SUFFIX"]
+        self.item_seq_len_field = config["ITEM_LIST_LENGTH_FIELD"]
+        self.register_buffer("user_sequences", sequences.to(self.device), persistent=False)
+        self.register_buffer("user_sequence_lengths", lengths.to(self.device), persistent=False)
+
+    def pair_scores(self, users, items):
+        """Base-model scores of (user, item) rows through its own ``predict``."""
+        fields = {self.uid_field: users, self.iid_field: items}
+        if self.type == ModelType.SEQUENTIAL:
+            fields[self.item_seq_field] = self.user_sequences[users]
+            fields[self.item_seq_len_field] = self.user_sequence_lengths[users]
+        return self.base.predict(Interaction(fields)).view(-1)
+
+    def aug_loss(self, pairs):
+        """Mean ``-log sigmoid(s(u, pos) - s(u, neg))`` over judged ``pairs`` [n, 3]."""
+        users, pos, neg = pairs.T
+        scores = self.pair_scores(torch.cat([users, users]), torch.cat([pos, neg]))
+        pos_scores, neg_scores = scores.split(len(users))
+        return -F.logsigmoid(pos_scores - neg_scores).mean()
+
+    def calculate_loss(self, interaction):
+        loss = self.base.calculate_loss(interaction)
+        if self.aug_weight == 0 or len(self.aug_pairs) == 0:
+            return loss
+        index = torch.randint(len(self.aug_pairs), (self.aug_batch_size,), device=self.aug_pairs.device)
+        aug = self.aug_weight * self.aug_loss(self.aug_pairs[index])
+        return (*loss, aug) if isinstance(loss, tuple) else (loss, aug)
+
+    def predict(self, interaction):
+        return self.base.predict(interaction)
+
+    def full_sort_predict(self, interaction):
+        return self.base.full_sort_predict(interaction)
+
+    def other_parameter(self):
+        return self.base.other_parameter()
+
+    def load_other_parameter(self, para):
+        self.base.load_other_parameter(para)
+
+    def extra_results(self, train_data, valid_data, test_data):
+        """Judging figures and the judge's pairwise accuracy on held-out truth: pairs of cold-start
+        items where the user interacted with one in validation or test and never with the other."""
+        held_out = np.concatenate([
+            torch.stack([loader._dataset.inter_feat[self.uid_field], loader._dataset.inter_feat[self.iid_field]], 1).numpy()
+            for loader in (valid_data, test_data)
+        ])
+        interacted = [set(h.tolist()) for h in self.histories]
+        for user, item in held_out:
+            interacted[user].add(int(item))
+        truth = judges.truth_pairs(held_out.tolist(), interacted, self.cold_items, self.histories, self.min_history,
+                                   int(self.config["judge_eval_pairs"]), self.config["aug_seed"])
+        results = {"judging": self.judge_report}
+        if len(truth):
+            probs, report = self._judge(truth)
+            self._free_judge()
+            results["judge_accuracy"] = {"accuracy": round(judges.pairwise_accuracy(probs), 4), "chance": 0.5,
+                                         "pairs": len(truth), "seconds": report["seconds"],
+                                         **judges.order_diagnostics(probs)}
+        return results

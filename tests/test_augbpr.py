@@ -1,0 +1,183 @@
+"""AugBPR: judged cold-start pairs as an auxiliary BPR loss around any RecBole model."""
+import pickle
+
+import pytest
+import torch
+
+from conftest import ML_TINY_YAML, tiny_config
+from recbole_llm.config import Config
+from recbole_llm.data import scenarios
+from recbole_llm.llm import judge as judges
+from recbole_llm.quick_start import objective_function
+from recbole_llm.utils import create_dataset, data_preparation, get_model
+
+SASREC = {"hidden_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 1, "train_batch_size": 256}
+SMALL = {"aug_users_per_item": 2, "judge_eval_pairs": 20}
+
+
+def _augbpr_config(**overrides):
+    return tiny_config(model="AugBPR", **SMALL, **overrides)
+
+
+def _built(**overrides):
+    config = Config(config_file_list=[ML_TINY_YAML], config_dict=_augbpr_config(**overrides))
+    dataset = create_dataset(config)
+    train, valid, test = data_preparation(config, dataset)
+    model = get_model("AugBPR")(config, train._dataset)
+    return config, dataset, (train, valid, test), model
+
+
+@pytest.mark.parametrize("base, extra", [("BPR", {}), ("SASRec", SASREC)])
+def test_end_to_end_with_a_tiny_random_llm(base, extra):
+    result = objective_function(_augbpr_config(base_model=base, **extra), [ML_TINY_YAML])
+    assert {"cold_start_items", "cold_start_items@cold", "warm_start_items"} <= set(result["group_results"])
+    assert "recall@50" in result["group_results"]["cold_start_items@cold"]
+    assert set(result["valid_group_results"]) == set(result["group_results"])
+    judging = result["extra_results"]["judging"]
+    assert judging["pairs"] == judging["kept"] + judging["dropped"] > 0
+    accuracy = result["extra_results"]["judge_accuracy"]
+    assert 0 <= accuracy["accuracy"] <= 1 and accuracy["chance"] == 0.5 and accuracy["pairs"] > 0
+
+
+def test_model_type_and_defaults_follow_the_base_model():
+    config = Config(config_file_list=[ML_TINY_YAML], config_dict=_augbpr_config(base_model="SASRec"))
+    assert config["MODEL_TYPE"].name == "SEQUENTIAL" and config["n_layers"] == 2  # SASRec.yaml
+    assert config["train_neg_sample_args"]["distribution"] == "none"  # CE loss: no sampled negatives
+    config = Config(config_file_list=[ML_TINY_YAML], config_dict=_augbpr_config(base_model="NeuMF"))
+    assert config["MODEL_TYPE"].name == "GENERAL" and config["mlp_hidden_size"] == [128, 64]  # NeuMF.yaml
+    # checkpoints pickle the config, which refers to the specialised class by name
+    assert pickle.loads(pickle.dumps(config.model_class)) is config.model_class
+
+
+def test_aux_loss_reaches_the_base_models_cold_item_embeddings():
+    _, dataset, _, model = _built(base_model="BPR")
+    cold = dataset.eval_groups["cold_start_items"][1]
+    pairs = model.aug_pairs
+    assert len(pairs) > 0 and cold[pairs[:, 1:]].all()
+    model.aug_loss(pairs).backward()
+    grad = model.base.item_embedding.weight.grad
+    judged = torch.unique(pairs[:, 1:])
+    assert (grad[judged].abs().sum(1) > 0).all(), "every judged cold-start item gets a gradient"
+    assert grad[~cold].abs().sum() == 0, "the auxiliary loss touches only the judged items"
+
+
+def test_aux_loss_is_added_to_the_base_loss_for_a_sequential_model():
+    config, _, (train, _, _), model = _built(base_model="SASRec", **SASREC)
+    batch = next(iter(train))
+    losses = model.calculate_loss(batch)
+    assert isinstance(losses, tuple) and len(losses) == 2 and all(torch.isfinite(loss) for loss in losses)
+    model.aug_weight = 0.0
+    assert torch.is_tensor(model.calculate_loss(batch))
+
+
+class _AlwaysA(judges.LLMJudge):
+    """An LLM judge whose model always answers "A" (pure position bias); prompts are recorded."""
+
+    def prompt_parts(self, history_titles):
+        return f"history: {', '.join(history_titles)}", ""
+
+    def option_logprobs(self, prefix, suffixes):
+        self.seen = (prefix, suffixes)
+        return torch.log(torch.tensor([[0.8, 0.2]])).expand(len(suffixes), 2)
+
+
+def test_llm_judge_asks_both_orders_and_cancels_position_bias():
+    histories = [[], [1, 2, 3]]
+    titles = ["", "one", "two", "three", "four", "five"]
+    judge = _AlwaysA("tiny-random-llama", histories, titles, history_len=2)
+    probs = judge.score(torch.tensor([[1, 4, 5]]))
+    assert judge.seen == ("history: two, three", [judge.options("four", "five"), judge.options("five", "four")])
+    assert torch.allclose(probs, torch.tensor([[0.8, 0.2]]))
+    keep, _, confidence = judges.decide(probs)
+    assert not keep.any() and confidence.item() == pytest.approx(0.0, abs=1e-6)
+    assert judges.order_diagnostics(probs) == {"first_shown_wins": 1.0, "orders_agree": 0.0}
+
+
+def test_llm_judge_shares_the_prompt_prefix_without_changing_the_answer():
+    judge = judges.LLMJudge("tiny-random-llama", [[], [1, 2]], ["", "a", "b", "c", "d"], dtype="float32",
+                            batch_size=3)
+    prefix, after = judge.prompt_parts(["a", "b"])
+    suffixes = [judge.options("c", "d") + after, judge.options("a long title", "d") + after, "B" + after]
+    shared = judge.option_logprobs(prefix, suffixes)
+    model, tokenizer, chat, option_ids = judge._load()
+    for row, suffix in enumerate(suffixes):
+        ids = tokenizer.encode(prefix, add_special_tokens=not chat) + tokenizer.encode(suffix, add_special_tokens=False)
+        with torch.no_grad():
+            alone = model(input_ids=torch.tensor([ids])).logits[0, -1].log_softmax(-1)[option_ids]
+        assert torch.allclose(shared[row], alone, atol=1e-4), "cache sharing and left padding change nothing"
+    assert (shared < 0).all()
+
+
+class _CountingJudge:
+    name, identity = "counting", ["counting-v1"]
+
+    def __init__(self, fail_after=None):
+        self.scored, self.fail_after = 0, fail_after
+
+    def describe(self, pairs):
+        return pairs.tolist()
+
+    def score(self, pairs):
+        if self.fail_after is not None and self.scored >= self.fail_after:
+            raise KeyboardInterrupt  # killed mid-way
+        self.scored += len(pairs)
+        return torch.stack([pairs[:, 1] > pairs[:, 2]] * 2, 1).float()
+
+
+def test_judgements_resume_after_an_interruption_and_are_reused(tmp_path):
+    pairs = torch.tensor([[u, u + 1, u + 2] for u in range(10)])
+    interrupted = _CountingJudge(fail_after=4)
+    with pytest.raises(KeyboardInterrupt):
+        judges.judge_pairs(interrupted, pairs, tmp_path, chunk_size=2, show_progress=False)
+    resumed = _CountingJudge()
+    probs, report = judges.judge_pairs(resumed, pairs, tmp_path, chunk_size=2, show_progress=False)
+    assert (report["computed"], report["reused"]) == (6, 4) and resumed.scored == 6
+    again = _CountingJudge()
+    cached, report = judges.judge_pairs(again, pairs, tmp_path, chunk_size=2, show_progress=False)
+    assert (report["computed"], report["reused"], again.scored) == (0, 10, 0)
+    assert torch.equal(cached, probs)
+
+
+def test_embedding_judge_prefers_the_item_closer_to_the_history():
+    vectors = {"x": [1.0, 0.0], "y": [0.0, 1.0], "x y": [1.0, 0.2]}
+    judge = judges.EmbeddingJudge(lambda texts: torch.tensor([vectors[t] for t in texts]), ["fake"],
+                                  [[], [1]], ["", "x", "y"], history_len=1)
+    probs = judge.score(torch.tensor([[1, 1, 2], [1, 2, 1]]))
+    assert probs[0, 0] > 0.5 > probs[1, 0] and torch.equal(probs[:, 0], probs[:, 1])
+    assert judges.pairwise_accuracy(probs[:1]) == 1.0
+
+
+def test_embedding_judge_runs_end_to_end():
+    result = objective_function(_augbpr_config(base_model="BPR", judge="embedding", aug_weight=0.5), [ML_TINY_YAML])
+    assert result["extra_results"]["judging"]["first_shown_wins"] == 0.5  # order-free judge
+    assert "judge_accuracy" in result["extra_results"]
+
+
+def test_cold_items_are_ranked_among_cold_items_only():
+    config, dataset, (_, _, test), _ = _built(base_model="BPR")
+    _, loaders = scenarios.group_loaders(config, dataset, test)
+    cold = dataset.eval_groups["cold_start_items"][1]
+    interaction, (rows, items), _, positive_i = next(iter(loaders["cold_start_items@cold"]))
+    masked = torch.zeros(len(interaction), dataset.item_num, dtype=torch.bool)
+    masked[rows, items] = True
+    assert masked[:, ~cold].all(), "every warm item is masked for every user"
+    assert cold[positive_i].all()
+
+
+def test_sampled_pairs_are_distinct_cold_items_of_users_with_enough_history():
+    histories = [[], [1, 2], [1, 2, 3, 4, 5]]
+    pairs = judges.sample_pairs(histories, [7, 8, 9], users_per_item=2, pairs_per_user=2, min_history=2, seed=0)
+    assert len(pairs) == 3 * 2 * 2
+    assert (pairs[:, 1] != pairs[:, 2]).all() and set(pairs[:, 0].tolist()) == {1, 2}
+    assert set(pairs[:, 1:].flatten().tolist()) <= {7, 8, 9}
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="base_model.*Unknown model 'NoSuchModel'"):
+        Config(config_file_list=[ML_TINY_YAML], config_dict=_augbpr_config(base_model="NoSuchModel"))
+    with pytest.raises(ValueError, match="aug_min_history=1000"):
+        _built(base_model="BPR", aug_min_history=1000)
+    with pytest.raises(ValueError, match="cold_item_args"):
+        _built(base_model="BPR", cold_item_args=None)
+    with pytest.raises(ValueError, match="judge must be one of"):
+        _built(base_model="BPR", judge="oracle")
