@@ -39,6 +39,17 @@ def test_end_to_end_with_a_tiny_random_llm(base, extra):
     assert 0 <= accuracy["accuracy"] <= 1 and accuracy["chance"] == 0.5 and accuracy["pairs"] > 0
 
 
+def test_zero_aug_weight_is_exactly_the_base_model():
+    """The benchmark's `base` rows are AugBPR with aug_weight 0: same data, weights and results as a plain run."""
+    settings = {"cold_item_args": {"ratio": 0.2, "by": "time"}, "epochs": 2, "metrics": ["Recall"], "topk": [10],
+                "valid_metric": "recall@10", "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO",
+                                                             "group_by": "user", "mode": "full"}}
+    plain = objective_function(tiny_config(model="BPR", **settings), [ML_TINY_YAML])
+    wrapped = objective_function(_augbpr_config(base_model="BPR", aug_weight=0.0, **settings), [ML_TINY_YAML])
+    assert wrapped["test_result"] == plain["test_result"]
+    assert wrapped["group_results"] == plain["group_results"]
+
+
 def test_model_type_and_defaults_follow_the_base_model():
     config = Config(config_file_list=[ML_TINY_YAML], config_dict=_augbpr_config(base_model="SASRec"))
     assert config["MODEL_TYPE"].name == "SEQUENTIAL" and config["n_layers"] == 2  # SASRec.yaml
@@ -76,9 +87,9 @@ class _AlwaysA(judges.LLMJudge):
     def prompt_parts(self, history_titles):
         return f"history: {', '.join(history_titles)}", ""
 
-    def option_logprobs(self, prefix, suffixes):
-        self.seen = (prefix, suffixes)
-        return torch.log(torch.tensor([[0.8, 0.2]])).expand(len(suffixes), 2)
+    def option_logprobs(self, prompts):
+        self.seen = prompts
+        return torch.log(torch.tensor([[0.8, 0.2]])).expand(len(prompts), 2)
 
 
 def test_llm_judge_asks_both_orders_and_cancels_position_bias():
@@ -86,26 +97,28 @@ def test_llm_judge_asks_both_orders_and_cancels_position_bias():
     titles = ["", "one", "two", "three", "four", "five"]
     judge = _AlwaysA("tiny-random-llama", histories, titles, history_len=2)
     probs = judge.score(torch.tensor([[1, 4, 5]]))
-    assert judge.seen == ("history: two, three", [judge.options("four", "five"), judge.options("five", "four")])
+    assert judge.seen == ["history: two, three" + judge.options("four", "five"),
+                          "history: two, three" + judge.options("five", "four")]
     assert torch.allclose(probs, torch.tensor([[0.8, 0.2]]))
     keep, _, confidence = judges.decide(probs)
     assert not keep.any() and confidence.item() == pytest.approx(0.0, abs=1e-6)
     assert judges.order_diagnostics(probs) == {"first_shown_wins": 1.0, "orders_agree": 0.0}
 
 
-def test_llm_judge_shares_the_prompt_prefix_without_changing_the_answer():
+def test_llm_judge_batches_prompts_without_changing_the_answer():
     judge = judges.LLMJudge("tiny-random-llama", [[], [1, 2]], ["", "a", "b", "c", "d"], dtype="float32",
                             batch_size=3)
     prefix, after = judge.prompt_parts(["a", "b"])
-    suffixes = [judge.options("c", "d") + after, judge.options("a long title", "d") + after, "B" + after]
-    shared = judge.option_logprobs(prefix, suffixes)
+    prompts = [prefix + judge.options("c", "d") + after, prefix + judge.options("a long title", "d") + after,
+               "B" + after, prefix + judge.options("d", "c") + after]
+    batched = judge.option_logprobs(prompts)
     model, tokenizer, chat, option_ids = judge._load()
-    for row, suffix in enumerate(suffixes):
-        ids = tokenizer.encode(prefix, add_special_tokens=not chat) + tokenizer.encode(suffix, add_special_tokens=False)
+    for row, prompt in enumerate(prompts):
+        ids = tokenizer.encode(prompt, add_special_tokens=not chat)
         with torch.no_grad():
             alone = model(input_ids=torch.tensor([ids])).logits[0, -1].log_softmax(-1)[option_ids]
-        assert torch.allclose(shared[row], alone, atol=1e-4), "cache sharing and left padding change nothing"
-    assert (shared < 0).all()
+        assert torch.allclose(batched[row], alone, atol=1e-4), "left padding and batching change nothing"
+    assert (batched < 0).all()
 
 
 class _CountingJudge:

@@ -45,7 +45,7 @@ class LLMJudge:
 
     @property
     def identity(self):
-        return ["llm-judge-v2", self.resolved.identity, str(models.resolve_dtype(self.dtype, self.device)),
+        return ["llm-judge-v3", self.resolved.identity, str(models.resolve_dtype(self.dtype, self.device)),
                 self.words]
 
     def describe(self, pairs):
@@ -95,50 +95,45 @@ class LLMJudge:
         return full[:cut], full[cut + len(marker):]
 
     @torch.no_grad()
-    def option_logprobs(self, prefix, suffixes):
-        """``[len(suffixes), 2]`` next-token log-probabilities of "A" and "B" after ``prefix + suffix``.
+    def option_logprobs(self, prompts):
+        """``[len(prompts), 2]`` next-token log-probabilities of "A" and "B" after each prompt.
 
-        The prefix (system prompt, history, question) is run once; its key/value cache serves every
-        suffix (the options in both orders for each of the user's pairs), left-padded in one batch.
+        Prompts are run in left-padded batches of similar length (most users have one pair, so
+        there is little prefix to share; batching is what keeps the CPU busy).
         """
         model, tokenizer, chat, option_ids = self._load()
-        prefix_ids = torch.tensor([tokenizer.encode(prefix, add_special_tokens=not chat)], device=self.device)
-        out = torch.empty(len(suffixes), 2)
-        for start in range(0, len(suffixes), self.batch_size):
-            batch = [tokenizer.encode(s, add_special_tokens=False) for s in suffixes[start:start + self.batch_size]]
-            cache = model(input_ids=prefix_ids, use_cache=True).past_key_values
-            cache.batch_repeat_interleave(len(batch))
-            width, known = max(len(ids) for ids in batch), prefix_ids.shape[1]
-            ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros(len(batch), known + width, dtype=torch.long)
-            mask[:, :known] = 1
-            for row, suffix in enumerate(batch):
-                ids[row, width - len(suffix):] = torch.tensor(suffix)
-                mask[row, known + width - len(suffix):] = 1
-            positions = known + (mask[:, known:].cumsum(-1) - 1).clamp(min=0)
+        encoded = [tokenizer.encode(p, add_special_tokens=not chat) for p in prompts]
+        out = torch.empty(len(prompts), 2)
+        by_length = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        for start in range(0, len(by_length), self.batch_size):
+            rows = by_length[start:start + self.batch_size]
+            width = max(len(encoded[r]) for r in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros(len(rows), width, dtype=torch.long)
+            for k, row in enumerate(rows):
+                ids[k, width - len(encoded[row]):] = torch.tensor(encoded[row])
+                mask[k, width - len(encoded[row]):] = 1
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                           position_ids=positions.to(self.device), past_key_values=cache,
-                           logits_to_keep=1).logits[:, -1].float()
-            out[start:start + len(batch)] = logits.log_softmax(-1)[:, option_ids].cpu()
+                           position_ids=positions.to(self.device), logits_to_keep=1).logits[:, -1].float()
+            out[rows] = logits.log_softmax(-1)[:, option_ids].cpu()
         return out
 
     def score(self, pairs):
-        """Both orders of every pair; the pairs of one user share one prompt prefix."""
+        """Both orders of every pair, in one batched pass over all prompts."""
         described = self.describe(pairs)
+        parts, prompts = {}, []
+        for history, title_a, title_b in described:
+            if history not in parts:
+                parts[history] = self.prompt_parts(list(history))
+            prefix, after = parts[history]
+            prompts += [prefix + self.options(title_a, title_b) + after, prefix + self.options(title_b, title_a) + after]
+        logprobs = self.option_logprobs(prompts).view(len(described), 2, 2)
+        # two-way normalisation P(A | A or B); with b shown first, "B" means a
         probs = torch.empty(len(described), 2)
-        by_history = {}
-        for row, (history, _, _) in enumerate(described):
-            by_history.setdefault(history, []).append(row)
-        for history, rows in by_history.items():
-            prefix, after = self.prompt_parts(list(history))
-            suffixes = []
-            for row in rows:
-                _, title_a, title_b = described[row]
-                suffixes += [self.options(title_a, title_b) + after, self.options(title_b, title_a) + after]
-            logprobs = self.option_logprobs(prefix, suffixes).view(len(rows), 2, 2)
-            # two-way normalisation P(A | A or B); with b shown first, "B" means a
-            probs[rows, 0] = logprobs[:, 0].softmax(-1)[:, 0]
-            probs[rows, 1] = logprobs[:, 1].softmax(-1)[:, 1]
+        probs[:, 0] = logprobs[:, 0].softmax(-1)[:, 0]
+        probs[:, 1] = logprobs[:, 1].softmax(-1)[:, 1]
         return probs
 
 

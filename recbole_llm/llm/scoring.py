@@ -10,11 +10,25 @@ prompt (including soft tokens) being context. Sequences are left-padded with exp
 so only the last positions' logits are computed (the vocabulary projection dominates otherwise).
 """
 import copy
+import inspect
 
 import torch
 import torch.nn.functional as F
 
 REDUCTIONS = ("sum", "mean")
+
+
+def kv_cache_argument(llm, cache):
+    """Keyword argument passing a KV cache to ``llm``: transformers 5.24 renamed
+    ``past_key_values`` to ``cache`` (the old name is removed in 5.40); older 5.x know only it."""
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm  # peft wrappers take **kwargs
+    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+def kv_cache_of(output):
+    """The KV cache a forward pass with ``use_cache=True`` returned (either transformers name)."""
+    return output["cache"] if "cache" in output.keys() else output["past_key_values"]
 
 
 def _input_embeddings(llm):
@@ -42,7 +56,7 @@ def score_continuations(llm, prompt_embeds, continuations, reduction="sum", batc
         raise ValueError("every continuation needs at least one token")
     device = prompt_embeds.device
     out = llm(inputs_embeds=prompt_embeds.unsqueeze(0), use_cache=True, logits_to_keep=1)
-    prompt_cache = out.past_key_values
+    prompt_cache = kv_cache_of(out)
     first_logp = F.log_softmax(out.logits[0, -1].float(), dim=-1)
     scores = []
     for start in range(0, len(continuations), batch_size):
@@ -51,7 +65,7 @@ def score_continuations(llm, prompt_embeds, continuations, reduction="sum", batc
         cache = copy.deepcopy(prompt_cache)
         cache.batch_repeat_interleave(len(chunk))
         # right padding needs no mask: pads come after every real token of their row
-        logits = llm(input_ids=ids, past_key_values=cache, use_cache=True).logits.float()
+        logits = llm(input_ids=ids, use_cache=True, **kv_cache_argument(llm, cache)).logits.float()
         logp = F.log_softmax(logits, dim=-1)
         token_logp = torch.empty(ids.shape, device=device)
         token_logp[:, 0] = first_logp[ids[:, 0]]
