@@ -4,7 +4,7 @@ Every (base model, method, seed) run uses the same cold-start split (``cold_item
 ``properties/model/AugBPR.yaml``: every training interaction with the newest 20% of items removed)
 and the same judged pairs (sampled with ``aug_seed``, judged once and cached under ``cache_dir``).
 ``base`` is AugBPR with ``aug_weight: 0``, i.e. the base model trained alone on the same data and
-from the same initial weights (``tests/test_augbpr.py`` checks that it equals a plain run).
+from the same initial weights, nothing judged (``tests/test_augbpr.py`` checks that it equals a plain run).
 Finished runs are stored as JSON under ``--runs_dir`` and skipped when the script is run again.
 
     nice -n 10 python benchmarks/augbpr_benchmark.py --dataset=ml-100k --bases BPR NeuMF SASRec --seeds 0 1 2

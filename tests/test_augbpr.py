@@ -48,6 +48,7 @@ def test_zero_aug_weight_is_exactly_the_base_model():
     wrapped = objective_function(_augbpr_config(base_model="BPR", aug_weight=0.0, **settings), [ML_TINY_YAML])
     assert wrapped["test_result"] == plain["test_result"]
     assert wrapped["group_results"] == plain["group_results"]
+    assert wrapped["extra_results"] == {}, "nothing is judged with aug_weight 0"
 
 
 def test_model_type_and_defaults_follow_the_base_model():

@@ -111,20 +111,29 @@ class AugBPR(AbstractRecommender):
         self.judge = judges.judge_from_config(config, self.histories, side.texts("item", title_key),
                                               side.texts("item", "item_text_template"))
 
+        self.judge_report = None
+        if self.aug_weight == 0:  # the base model alone: nothing to judge
+            judged = torch.zeros(0, 3, dtype=torch.long)
+            self.logger.info("AugBPR with aug_weight 0: the base model alone, no pairs judged")
+        else:
+            judged = self._judged_pairs(config)
+        self.register_buffer("aug_pairs", judged.to(self.device), persistent=False)
+
+        if self.type == ModelType.SEQUENTIAL:
+            self._register_sequences(config)
+
+    def _judged_pairs(self, config):
+        """``[n, 3]`` rows (user, preferred, other) of sampled cold-item pairs the judge decided."""
         pairs = judges.sample_pairs(self.histories, self.cold_items, int(config["aug_users_per_item"]),
                                     int(config["aug_pairs_per_user"]), self.min_history, config["aug_seed"])
         probs, report = self._judge(pairs)
         keep, a_wins, _ = judges.decide(probs, float(config["aug_min_confidence"]))
         users, a, b = pairs.T
-        judged = torch.stack([users, torch.where(a_wins, a, b), torch.where(a_wins, b, a)], dim=1)[keep]
-        self.register_buffer("aug_pairs", judged.to(self.device), persistent=False)
         self.judge_report = {**report, "kept": int(keep.sum()), "dropped": int((~keep).sum()),
                              **judges.order_diagnostics(probs)}
         self.logger.info(f"AugBPR judged pairs ({config['judge']} judge): {self.judge_report}")
         self._free_judge()
-
-        if self.type == ModelType.SEQUENTIAL:
-            self._register_sequences(config)
+        return torch.stack([users, torch.where(a_wins, a, b), torch.where(a_wins, b, a)], dim=1)[keep]
 
     def _judge(self, pairs):
         return judges.judge_pairs(self.judge, pairs, self.config["cache_dir"], self.config["judge_chunk_size"],
@@ -186,6 +195,8 @@ class AugBPR(AbstractRecommender):
     def extra_results(self, train_data, valid_data, test_data):
         """Judging figures and the judge's pairwise accuracy on held-out truth: pairs of cold-start
         items where the user interacted with one in validation or test and never with the other."""
+        if self.judge_report is None:
+            return {}
         held_out = np.concatenate([
             torch.stack([loader._dataset.inter_feat[self.uid_field], loader._dataset.inter_feat[self.iid_field]], 1).numpy()
             for loader in (valid_data, test_data)
