@@ -60,7 +60,7 @@ def _train_and_test(config, saved, verbose):
         "test_result": test_result,
         "group_results": group_results,
     }
-    if groups and not hasattr(dataset, "evaluation_loaders"):
+    if groups and config["eval_valid_groups"] and not hasattr(dataset, "evaluation_loaders"):
         # The same groups on the validation rows, so settings can be chosen per group without
         # looking at test numbers.
         result["valid_group_results"] = _evaluate_groups(trainer, scenarios.group_loaders(config, dataset, valid_data)[1])
