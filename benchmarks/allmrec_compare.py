@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from recbole.trainer import Trainer  # noqa: E402
 from recbole.utils import init_logger, init_seed  # noqa: E402
 
-from metallmrec_benchmark import parse_sets  # noqa: E402
+from common import parse_sets, write_report  # noqa: E402
 from recbole_llm.config import Config  # noqa: E402
 from recbole_llm.model.allmrec import load_backbone  # noqa: E402
 from recbole_llm.quick_start import _build_model, _evaluation_loaders, _prepare  # noqa: E402
@@ -91,15 +91,17 @@ def run_variant(name, dataset, settings, only_groups=None):
     return record
 
 
-def write_table(runs_dir, out, command):
+def write_table(runs_dir, out, command, dataset):
     records = {}
     for path in sorted(Path(runs_dir).glob("*.json")):
         record = json.loads(path.read_text())
         records[record["variant"]] = record
     order = [v for v in VARIANTS if v in records]
-    lines = [f"# ALLMRec on {out.stem.split('_')[-1]}: uni19 Hit@1 (1 positive + 19 sampled negatives)", "",
+    lines = [f"# ALLMRec on {dataset}: uni19 Hit@1 (1 positive + 19 sampled negatives)", "",
              f"Command: `{command}`", "",
-             "| variant | what | " + " | ".join(GROUPS) + " | Hit@5 / Hit@10 (test) | train s (stage 1 / 2) | test eval s (users) |",
+             "Hit@1 per group; train and evaluation seconds on one CPU thread.", "",
+             "| variant | what | " + " | ".join(GROUPS) + " | Hit@5 / Hit@10 (test) | train s (stage 1 / 2) "
+             "| test eval s per user |",
              "|---|---|" + "---|" * len(GROUPS) + "---|---|---|"]
     for name in order:
         r = records[name]
@@ -109,11 +111,10 @@ def write_table(runs_dir, out, command):
         test = r["results"]["test"]
         lines.append(f"| {name} | {VARIANTS[name][2]} | " + " | ".join(hits)
                      + f" | {test['hit@5']:.3f} / {test['hit@10']:.3f} | {train} | "
-                     f"{r['eval_seconds']['test']} ({r['eval_users']['test']}) |")
+                     f"{r['eval_seconds']['test'] / r['eval_users']['test']:.2f} |")
     users = {g: records[order[0]]["eval_users"].get(g) for g in GROUPS} if order else {}
     lines += ["", f"Evaluation users per group: {users}.", ""]
-    out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_report(out, lines)
 
 
 def main():
@@ -133,6 +134,7 @@ def main():
     settings.update(parse_sets(args.set))
     runs_dir = Path(args.runs or ROOT / "results" / "allmrec_runs" / args.dataset)
     runs_dir.mkdir(parents=True, exist_ok=True)
+    command = "nice -n 10 python benchmarks/allmrec_compare.py " + " ".join(sys.argv[1:])
     sys.argv = sys.argv[:1]  # RecBole's Config would read our flags as --key=value
     for name in args.variants:
         path = runs_dir / f"{name}.json"
@@ -143,8 +145,7 @@ def main():
         path.write_text(json.dumps(record, indent=1, default=str))
         print(f"{name}: {record['results']['test']} -> {path}", flush=True)
     if args.table:
-        command = "nice -n 10 python benchmarks/allmrec_compare.py --dataset=" + args.dataset + " --variants " + " ".join(VARIANTS)
-        write_table(runs_dir, Path(args.table), command)
+        write_table(runs_dir, Path(args.table), command, args.dataset)
 
 
 if __name__ == "__main__":

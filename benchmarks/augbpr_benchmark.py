@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from metallmrec_benchmark import parse_sets  # noqa: E402
+from common import parse_sets, write_report  # noqa: E402
 from recbole_llm.quick_start import objective_function  # noqa: E402
 
 # method -> overrides of AugBPR
@@ -191,12 +191,7 @@ def main():
             for b in args.bases for m in args.methods if any(r["base"] == b and r["method"] == m for r in runs)),
         "",
     ]
-    notes = out.with_name(out.stem + "_notes.md")  # hand-written analysis, kept across re-runs
-    if notes.is_file():
-        text += ["", notes.read_text()]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(text))
-    print("\n".join(text))
+    write_report(out, text)
 
 
 if __name__ == "__main__":

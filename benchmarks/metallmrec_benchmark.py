@@ -25,7 +25,9 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import parse_sets, write_report  # noqa: E402
 from recbole_llm.data.episodes import SCENARIOS  # noqa: E402
 from recbole_llm.quick_start import objective_function  # noqa: E402
 from recbole_llm.trainer.metallmrec import graded_ndcg, run_rating_baseline  # noqa: E402
@@ -45,16 +47,6 @@ METHODS = {
     "MetaLLMRec-eval10": ("MetaLLMRec", {"local_update_eval": 10}),  # reference: each query rating = median of the support ratings
 }
 METRICS = ("mae", "ndcg@3")
-
-
-def parse_sets(pairs):
-    out = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects key=value, got {pair!r}")
-        out[key] = yaml.safe_load(value)
-    return out
 
 
 def support_median(dataset, config):
@@ -213,12 +205,7 @@ def main():
             if any(r["method"] == m for r in runs)),
         "",
     ]
-    notes = out.with_name(out.stem + "_notes.md")  # hand-written analysis, kept across re-runs
-    if notes.is_file():
-        text += ["", notes.read_text()]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(text))
-    print("\n".join(text))
+    write_report(out, text)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,27 @@
+"""Helpers shared by the benchmark scripts: ``--set key=value`` parsing and report writing."""
+from pathlib import Path
+
+import yaml
+
+
+def parse_sets(pairs):
+    """``["key=value", ...]`` -> dict, values parsed as yaml (as RecBole parses --key=value)."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def write_report(out, lines):
+    """Write ``lines`` to the markdown file ``out``, followed by the hand-written analysis kept in
+    ``<out stem>_notes.md`` (so re-running a benchmark never loses it), and print them."""
+    out = Path(out)
+    notes = out.with_name(out.stem + "_notes.md")
+    if notes.is_file():
+        lines = [*lines, "", notes.read_text()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    print("\n".join(lines))
