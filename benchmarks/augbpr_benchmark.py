@@ -44,9 +44,13 @@ GROUPS = ("cold_start_items@cold", "cold_start_items", "warm_start_items", "test
 METRICS = ("recall@10", "recall@50")
 
 
+def run_config(base, method, dataset, seed, overrides):
+    return {"model": "AugBPR", "dataset": dataset, "base_model": base, "seed": seed, "torch_threads": 1,
+            "show_progress": False, "state": "ERROR", **BASES[base], **METHODS[method], **overrides}
+
+
 def run_one(base, method, dataset, seed, overrides):
-    config = {"model": "AugBPR", "dataset": dataset, "base_model": base, "seed": seed, "torch_threads": 1,
-              "show_progress": False, "state": "ERROR", **BASES[base], **METHODS[method], **overrides}
+    config = run_config(base, method, dataset, seed, overrides)
     began = time.time()
     result = objective_function(config_dict=config)
     groups = {"test": result["test_result"], **result["group_results"]}
@@ -153,7 +157,7 @@ def main():
                 overrides = {**common, **parse_sets(per_base[base])}
                 if path.is_file():
                     run = json.loads(path.read_text())
-                    if all(run["config"].get(k) == v for k, v in overrides.items()):
+                    if run["config"] == run_config(base, method, args.dataset, seed, overrides):
                         runs.append(run)
                         print(f"[reuse] {path.name}", flush=True)
                         continue

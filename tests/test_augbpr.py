@@ -73,6 +73,19 @@ def test_aux_loss_reaches_the_base_models_cold_item_embeddings():
     assert grad[~cold].abs().sum() == 0, "the auxiliary loss touches only the judged items"
 
 
+def test_pointwise_base_models_are_compared_on_logits_not_probabilities():
+    _, _, _, model = _built(base_model="NeuMF")
+    model.eval()  # no dropout: the two paths must agree exactly
+    assert model.aug_score == "logit"
+    users, items = model.aug_pairs[:8, 0], model.aug_pairs[:8, 1]
+    logits = model.base.forward(users, items)
+    assert torch.allclose(model.pair_scores(users, items), logits, atol=1e-3)
+    model.aug_score = "predict"
+    assert torch.allclose(model.pair_scores(users, items), torch.sigmoid(logits))
+    _, _, _, bpr = _built(base_model="BPR")
+    assert bpr.aug_score == "predict"  # BPR's predict is already an unbounded score
+
+
 def test_aux_loss_is_added_to_the_base_loss_for_a_sequential_model():
     config, _, (train, _, _), model = _built(base_model="SASRec", **SASREC)
     batch = next(iter(train))
@@ -193,5 +206,7 @@ def test_bad_settings_are_named():
         _built(base_model="BPR", aug_min_history=1000)
     with pytest.raises(ValueError, match="cold_item_args"):
         _built(base_model="BPR", cold_item_args=None)
+    with pytest.raises(ValueError, match="aug_score must be one of"):
+        _built(base_model="BPR", aug_score="rank")
     with pytest.raises(ValueError, match="judge must be one of"):
         _built(base_model="BPR", judge="oracle")

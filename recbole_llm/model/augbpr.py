@@ -11,7 +11,10 @@ The pairs come from a judge (``recbole_llm/llm/judge.py``): for every cold-start
 are paired with ``aug_pairs_per_user`` other cold-start items, and the judge (an LLM asked "A or
 B?" in both orders, or a sentence-embedding similarity) says which one the user prefers. Scores
 ``s`` come from the base model's own ``predict``, so the loss reaches any model's item
-representations; cold-start items otherwise receive no positive training signal. ``predict`` and
+representations; cold-start items otherwise receive no positive training signal. General and
+context-aware models trained pointwise (NeuMF, DMF, FM, ...) predict a probability sigmoid(x);
+``aug_score: auto`` then uses its logit x, since a BPR loss on probabilities saturates exactly
+for the items it must move (cold-start items predicted near 0). ``predict`` and
 ``full_sort_predict`` are the base model's: no LLM at serving time.
 
 The model type, input type and dataset class follow the base model (``for_config``), and the base
@@ -27,12 +30,14 @@ import torch.nn.functional as F
 import yaml
 from recbole.data.interaction import Interaction
 from recbole.model.abstract_recommender import AbstractRecommender
-from recbole.utils import ModelType
+from recbole.utils import InputType, ModelType
 
 from recbole_llm import PROPERTIES_DIR
 from recbole_llm.data.history import user_histories
 from recbole_llm.data.text import TextSideInformation
 from recbole_llm.llm import judge as judges
+
+AUG_SCORES = ("auto", "predict", "logit")
 
 
 def base_model_class(name):
@@ -95,6 +100,7 @@ class AugBPR(AbstractRecommender):
         self.device = config["device"]
         self.aug_weight = float(config["aug_weight"])
         self.aug_batch_size = int(config["aug_batch_size"])
+        self.aug_score = self._score_kind(config["aug_score"] or "auto", config["MODEL_INPUT_TYPE"])
         self.uid_field, self.iid_field = dataset.uid_field, dataset.iid_field
         self.config = config
 
@@ -121,6 +127,13 @@ class AugBPR(AbstractRecommender):
 
         if self.type == ModelType.SEQUENTIAL:
             self._register_sequences(config)
+
+    def _score_kind(self, kind, input_type):
+        if kind not in AUG_SCORES:
+            raise ValueError(f"aug_score must be one of {AUG_SCORES}, got {kind!r}")
+        if kind == "auto":  # pointwise general/context models predict sigmoid(logit)
+            return "logit" if self.type != ModelType.SEQUENTIAL and input_type == InputType.POINTWISE else "predict"
+        return kind
 
     def _judged_pairs(self, config):
         """``[n, 3]`` rows (user, preferred, other) of sampled cold-item pairs the judge decided."""
@@ -163,7 +176,8 @@ class AugBPR(AbstractRecommender):
         if self.type == ModelType.SEQUENTIAL:
             fields[self.item_seq_field] = self.user_sequences[users]
             fields[self.item_seq_len_field] = self.user_sequence_lengths[users]
-        return self.base.predict(Interaction(fields)).view(-1)
+        scores = self.base.predict(Interaction(fields)).view(-1)
+        return torch.logit(scores, eps=1e-7) if self.aug_score == "logit" else scores
 
     def aug_loss(self, pairs):
         """Mean ``-log sigmoid(s(u, pos) - s(u, neg))`` over judged ``pairs`` [n, 3]."""
