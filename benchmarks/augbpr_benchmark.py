@@ -150,8 +150,8 @@ def main():
     runs_dir.mkdir(parents=True, exist_ok=True)
     common = parse_sets(args.set)
     runs = []
-    for seed in args.seeds:
-        for base in args.bases:
+    for base in args.bases:  # cheap bases first: each finishes all its seeds before the next starts
+        for seed in args.seeds:
             for method in args.methods:
                 path = runs_dir / f"{base}-{method}-seed{seed}.json"
                 overrides = {**common, **parse_sets(per_base[base])}
