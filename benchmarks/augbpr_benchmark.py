@@ -63,6 +63,14 @@ def run_one(base, method, dataset, seed, overrides):
             "extra": result.get("extra_results", {})}
 
 
+def describe_missing(missing):
+    """``[(base, method, seed), ...]`` -> "SASRec base (seeds 1, 2), ..." in the order given."""
+    seeds = {}
+    for base, method, seed in missing:
+        seeds.setdefault((base, method), []).append(str(seed))
+    return ", ".join(f"{b} {m} (seed{'s' if len(s) > 1 else ''} {', '.join(s)})" for (b, m), s in seeds.items())
+
+
 def mean_std(values):
     values = np.asarray(values, dtype=float)
     return values.mean(), (values.std(ddof=1) if len(values) > 1 else 0.0)
@@ -122,7 +130,9 @@ def judge_table(runs):
             continue
         first = max(found, key=lambda r: r["extra"]["judging"]["computed"])  # the run that paid for judging
         j, acc = first["extra"]["judging"], first["extra"].get("judge_accuracy", {})
-        lines.append(f"| {judge} | {j['pairs']} | {j['kept']} | {j['seconds']} | {j['pairs_per_s']} | "
+        paid = j["computed"] > 0  # else every stored run read the judgements from an earlier run's cache
+        seconds, rate = (j["seconds"], j["pairs_per_s"]) if paid else ("cached by an earlier run", "-")
+        lines.append(f"| {judge} | {j['pairs']} | {j['kept']} | {seconds} | {rate} | "
                      f"{j['first_shown_wins']} | {j['orders_agree']} | {acc.get('accuracy', '-')} | {acc.get('pairs', '-')} |")
     return "\n".join(lines)
 
@@ -171,6 +181,8 @@ def main():
     parser.add_argument("--out", default=None, help="markdown table; default results/augbpr_<dataset>.md")
     parser.add_argument("--runs_dir", default=None, help="per-run JSON; default results/augbpr_runs/<dataset>")
     parser.add_argument("--set", action="append", default=[], help="key=value for every run")
+    parser.add_argument("--stored_only", action="store_true",
+                        help="write the report from the stored runs only; missing runs are listed, not run")
     args, rest = parser.parse_known_args()
     per_base = {b: [] for b in BASES}
     for flag, value in zip(rest[::2], rest[1::2]):
@@ -186,7 +198,7 @@ def main():
     runs_dir = Path(args.runs_dir or ROOT / "results" / "augbpr_runs" / args.dataset)
     runs_dir.mkdir(parents=True, exist_ok=True)
     common = parse_sets(args.set)
-    runs = []
+    runs, missing = [], []
     for base in args.bases:  # cheap bases first: each finishes all its seeds before the next starts
         for seed in args.seeds:
             for method in args.methods:
@@ -198,6 +210,9 @@ def main():
                         runs.append(run)
                         print(f"[reuse] {path.name}", flush=True)
                         continue
+                if args.stored_only:
+                    missing.append((base, method, seed))
+                    continue
                 run = run_one(base, method, args.dataset, seed, overrides)
                 path.write_text(json.dumps(run, indent=1, default=str))
                 runs.append(run)
@@ -216,7 +231,8 @@ def main():
         f"other test rows. Values: mean ± sample std over seeds {args.seeds} (model initialisation and training; the "
         "split and the judged pairs are the same for every run).",
         f"Per-run JSON: `{runs_dir.relative_to(ROOT) if runs_dir.is_relative_to(ROOT) else runs_dir}/`.",
-        "",
+        *([f"Not run (yet): {describe_missing(missing)}; the `runs` column says how many seeds each row has.", ""]
+          if missing else []),
         results_table(runs, args.bases, args.methods),
         "",
         "Goal check (AugBPR raises cold-item Recall@50 while warm Recall@50 drops by at most 2% relative; means over seeds):",
