@@ -130,6 +130,28 @@ def test_backbone_from_another_dataset_is_refused(shared_cache, tmp_path):
         _setup(shared_cache, backbone_checkpoint=trainer.saved_model_file)
 
 
+def test_interrupted_backbone_training_is_not_reused(tmp_path, monkeypatch):
+    from recbole_llm.trainer.checkpoint import CheckpointSafeMixin
+
+    saved = CheckpointSafeMixin._save_checkpoint
+
+    def save_then_die(self, *args, **kwargs):
+        saved(self, *args, **kwargs)
+        raise KeyboardInterrupt  # killed right after the first best epoch was written
+
+    config = Config(model="ALLMRec", config_file_list=[ML_TINY_YAML],
+                    config_dict=tiny_config(**FAST, backbone_args={**TINY_SASREC, "epochs": 2},
+                                            cache_dir=str(tmp_path / "cache")))
+    monkeypatch.setattr(CheckpointSafeMixin, "_save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        allmrec_module.train_backbone(config)
+    leftovers = list((tmp_path / "cache" / "allmrec-backbones").iterdir())
+    assert [p.suffix for p in leftovers] == [".training"]  # nothing under the name a rerun reuses
+    monkeypatch.setattr(CheckpointSafeMixin, "_save_checkpoint", saved)
+    path = allmrec_module.train_backbone(config)
+    assert path.endswith(".pth") and load_checkpoint(path)["config"]["model"] == "SASRec"
+
+
 def test_general_backbone_gives_user_token(shared_cache):
     bpr = Config(model="BPR", config_file_list=[ML_TINY_YAML], config_dict=tiny_config())
     _, train_data, valid_data, _ = _prepare(bpr)

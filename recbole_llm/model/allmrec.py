@@ -164,9 +164,13 @@ def train_backbone(config):
     _, train_data, valid_data, _ = _prepare(bconfig)
     model = _build_model(bconfig, train_data)
     trainer = get_trainer(bconfig["MODEL_TYPE"], bconfig["model"])(bconfig, model)
-    trainer.saved_model_file = path  # the checkpoint-safe trainer writes it atomically
+    # Best epochs are written (atomically) under a temporary name that becomes ``path`` only when
+    # training ends: a killed run must not leave a half-trained backbone that the next run reuses.
+    partial = path + ".training"
+    trainer.saved_model_file = partial
     began = time.time()
     trainer.fit(train_data, valid_data, saved=True, show_progress=bconfig["show_progress"])
+    os.replace(partial, path)
     logger.info(f"ALLMRec backbone time: {time.time() - began:.1f}s ({bconfig['model']}, {bconfig['epochs']} epochs)")
     return path
 
