@@ -197,9 +197,10 @@ def judge_pairs(judge, pairs, cache_dir, chunk_size=None, show_progress=True):
                           stats=stats)
     seconds = time.time() - start
     rate = stats["computed"] / seconds if stats["computed"] else float("nan")
+    speed = f"{rate:.2f} pairs/s computed" if stats["computed"] else "all from the cache"
     getLogger().info(
         f"Judged {len(pairs)} pairs with {judge.name}: {stats['computed']} computed, {stats['reused']} "
-        f"reused, {seconds:.1f} s ({rate:.2f} pairs/s computed); cache {path}"
+        f"reused, {seconds:.1f} s ({speed}); cache {path}"
     )
     return probs, {"pairs": len(pairs), **stats, "seconds": round(seconds, 1), "pairs_per_s": round(rate, 2)}
 
