@@ -71,6 +71,12 @@ def describe_missing(missing):
     return ", ".join(f"{b} {m} (seed{'s' if len(s) > 1 else ''} {', '.join(s)})" for (b, m), s in seeds.items())
 
 
+def goal_verdict(cold_b, cold_o, warm_b, warm_o):
+    """(relative warm change, "met"/"not met"): cold Recall@50 up, warm down by at most 2%."""
+    change = (warm_o - warm_b) / warm_b if warm_b else float("nan")
+    return change, "met" if cold_o > cold_b and change >= -0.02 else "not met"
+
+
 def mean_std(values):
     values = np.asarray(values, dtype=float)
     return values.mean(), (values.std(ddof=1) if len(values) > 1 else 0.0)
@@ -112,8 +118,7 @@ def goal_table(runs, bases, methods):
             warm_b, warm_o = value(plain, "warm_start_items"), value(ours, "warm_start_items")
             up = sum(ours[s]["groups"]["cold_start_items@cold"]["recall@50"]
                      > plain[s]["groups"]["cold_start_items@cold"]["recall@50"] for s in seeds)
-            change = (warm_o - warm_b) / warm_b if warm_b else float("nan")
-            goal = "met" if cold_o > cold_b and change >= -0.02 else "not met"
+            change, goal = goal_verdict(cold_b, cold_o, warm_b, warm_o)
             lines.append(f"| {base} | {method} | {cold_b:.4f} → {cold_o:.4f} | {all_b:.4f} → {all_o:.4f} | "
                          f"{warm_b:.4f} → {warm_o:.4f} | {100 * change:+.1f}% | {up}/{len(seeds)} | {goal} |")
     return "\n".join(lines)
@@ -147,26 +152,25 @@ def valid_choice_table(runs, bases):
         plain = [r for r in runs if r["base"] == base and r["method"] == "base"]
         if not plain or not all("warm_start_items" in r["valid_groups"] for r in plain):
             continue
+        seeds, plain_valid_warm = {r["seed"] for r in plain}, mean(plain, "valid_groups", "warm_start_items")
         for label in ("llm", "emb"):
             family = sorted({r["method"] for r in runs if r["base"] == base and (
                 r["method"] == f"AugBPR-{label}" or r["method"].startswith(f"AugBPR-{label}-w"))})
             if len(family) < 2:
                 continue
-            seeds = {r["seed"] for r in plain}
             candidates = []
             for method in family:
                 rs = [r for r in runs if r["base"] == base and r["method"] == method and r["seed"] in seeds]
                 if {r["seed"] for r in rs} != seeds:
                     continue
-                warm = mean(rs, "valid_groups", "warm_start_items") / mean(plain, "valid_groups", "warm_start_items") - 1
+                warm = mean(rs, "valid_groups", "warm_start_items") / plain_valid_warm - 1
                 candidates.append((warm >= -0.02, mean(rs, "valid_groups", "cold_start_items@cold"), method, rs))
             allowed = [c for c in candidates if c[0]] or candidates
             _, _, method, rs = max(allowed, key=lambda c: c[1])
             weight = rs[0]["config"].get("aug_weight", 0.1)
             cold_b, cold_o = mean(plain, "groups", "cold_start_items@cold"), mean(rs, "groups", "cold_start_items@cold")
             warm_b, warm_o = mean(plain, "groups", "warm_start_items"), mean(rs, "groups", "warm_start_items")
-            change = warm_o / warm_b - 1
-            goal = "met" if cold_o > cold_b and change >= -0.02 else "not met"
+            change, goal = goal_verdict(cold_b, cold_o, warm_b, warm_o)
             lines.append(f"| {base} | {label} | {len(candidates)} | {method} (aug_weight {weight}) | {cold_b:.4f} → {cold_o:.4f} | "
                          f"{warm_b:.4f} → {warm_o:.4f} | {100 * change:+.1f}% | {goal} |")
     return "\n".join(lines) if len(lines) > 2 else ""
