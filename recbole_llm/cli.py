@@ -5,6 +5,10 @@ Both follow RecBole's scripts: named arguments for model, dataset and config fil
 """
 import argparse
 
+from recbole.trainer import HyperTuning
+
+from recbole_llm.quick_start import objective_function, run_recbole_llm
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Train and test a recbole_llm or RecBole model.")
@@ -12,8 +16,6 @@ def main(argv=None):
     parser.add_argument("--dataset", "-d", type=str, default="ml-100k", help="dataset name")
     parser.add_argument("--config_files", type=str, default=None, help="space-separated yaml files")
     args, _ = parser.parse_known_args(argv)
-    from recbole_llm.quick_start import run_recbole_llm
-
     config_files = args.config_files.strip().split(" ") if args.config_files else None
     run_recbole_llm(model=args.model, dataset=args.dataset, config_file_list=config_files)
 
@@ -28,10 +30,6 @@ def hyper_main(argv=None):
     parser.add_argument("--max_evals", type=int, default=100, help="trials for random/bayes search")
     parser.add_argument("--early_stop", type=int, default=10, help="stop after N trials without progress")
     args, _ = parser.parse_known_args(argv)
-
-    from recbole.trainer import HyperTuning
-
-    from recbole_llm.quick_start import objective_function
 
     config_files = args.config_files.strip().split(" ") if args.config_files else None
     tuner = HyperTuning(

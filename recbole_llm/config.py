@@ -6,6 +6,10 @@ type) followed by ours: ``properties/overall.yaml``, ``properties/dataset/<datas
 ours because a model's needs (e.g. raw ratings for MetaLLMRec) must beat dataset defaults; a
 wrapped base model's yaml (AugBPR's ``base_model``) comes first. Everything internal stays below the user's
 config files, ``config_dict`` and ``--key=value`` command-line arguments, exactly as in RecBole.
+
+``Config(..., command_line=False)`` ignores the command line: the configuration of a run that the
+plugin starts itself (a backbone trained for ALLMRec, a benchmark's runs), whose ``--key=value``
+arguments belong to another run or to another program.
 """
 import os
 from pathlib import Path
@@ -15,12 +19,18 @@ from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
 
 from recbole_llm import PROPERTIES_DIR, SHIPPED_DATASETS_DIR
+from recbole_llm.utils import get_model
 
 
 class Config(RecBoleConfig):
-    def _get_model_and_dataset(self, model, dataset):
-        from recbole_llm.utils import get_model
+    def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None, command_line=True):
+        self.command_line = command_line
+        super().__init__(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
 
+    def _load_cmd_line(self):
+        return super()._load_cmd_line() if self.command_line else {}
+
+    def _get_model_and_dataset(self, model, dataset):
         if model is None:
             model = self.external_config_dict.get("model")
             if model is None:

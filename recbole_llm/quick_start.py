@@ -1,24 +1,73 @@
 """Run, tune and reload models through the plugin (RecBole's quick start, plugin-aware).
 
+This module orchestrates; models compute, datasets own their data and texts. A run is:
+``resolve_prerequisites`` (train what the model stacks on, e.g. ALLMRec's backbone, and pass its
+checkpoint path on, RecBole's S3Rec ``pre_model_path`` pattern) -> ``prepare`` (dataset and
+loaders) -> ``build_model`` -> the trainer -> ``evaluation_loaders`` (overall test and groups) ->
+RecBole's evaluator. ``run_recbole_llm`` and ``objective_function`` run all of it;
+benchmarks compose the same public steps.
+
 RecBole's own ``recbole.quick_start`` resolves models by name inside RecBole only, imports ray and
 profiles FLOPs; none of that is used here.
 """
 import logging
 import os
 import sys
+import time
 from logging import getLogger
 
+from recbole.data.dataloader import TrainDataLoader
 from recbole.utils import init_logger, init_seed, set_color
 from recbole.utils.utils import dict2str
 
+from recbole_llm.checkpoint import checkpoint_safe, load_checkpoint, load_into_model
 from recbole_llm.config import Config
 from recbole_llm.data import scenarios
+from recbole_llm.data.dataset import EpisodicDataset
 from recbole_llm.llm.models import set_threads
-from recbole_llm.trainer.checkpoint import load_checkpoint
+from recbole_llm.trainer import RatingBaselineTrainer
 from recbole_llm.utils import create_dataset, data_preparation, get_model, get_trainer
 
 
-def _prepare(config):
+def resolve_prerequisites(config):
+    """Train the runs the configured model stacks on and set their checkpoint paths in ``config``.
+
+    A model class lists them in ``prerequisites(config)`` as ``{config key: {"model",
+    "config_dict", "path"}}`` (ALLMRec: its backbone when ``backbone_checkpoint`` is unset).
+    """
+    model_class = get_model(config["model"])
+    needed = getattr(model_class, "prerequisites", None)
+    for key, run in (needed(config) if needed else {}).items():
+        config[key] = pretrain(run["model"], config["dataset"], run["config_dict"], run["path"])
+
+
+def pretrain(model, dataset, config_dict, path):
+    """``path``, holding the best checkpoint of ``model`` trained on ``dataset`` with ``config_dict``.
+
+    Reused when it exists. Otherwise trained now (its own Config, blind to this process's command
+    line); best epochs are written under a temporary name that becomes ``path`` only when training
+    ends, so a killed run never leaves a half-trained checkpoint that the next run would reuse.
+    """
+    logger = getLogger()
+    if os.path.isfile(path):
+        logger.info(f"Prerequisite {model}: reusing {path}")
+        return path
+    config = Config(model=model, dataset=dataset, config_dict=config_dict, command_line=False)
+    logger.info(f"Prerequisite {model}: training on [{dataset}] (published as {path})")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    _, train_data, valid_data, _ = prepare(config)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, build_model(config, train_data))
+    trainer.saved_model_file = path + ".training"
+    began = time.time()
+    trainer.fit(train_data, valid_data, saved=True, show_progress=config["show_progress"])
+    os.replace(trainer.saved_model_file, path)
+    logger.info(f"Prerequisite {model} time: {time.time() - began:.1f}s ({config['epochs']} epochs)")
+    return path
+
+
+def prepare(config):
+    """``(dataset, train_data, valid_data, test_data)`` of a run, its prerequisites trained first."""
+    resolve_prerequisites(config)
     init_seed(config["seed"], config["reproducibility"])
     set_threads(config["torch_threads"])
     dataset = create_dataset(config)
@@ -27,52 +76,63 @@ def _prepare(config):
     return dataset, train_data, valid_data, test_data
 
 
-def _build_model(config, train_data):
+def build_model(config, train_data):
+    """The configured model, freshly initialised (seeded) for ``train_data``'s dataset."""
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
-    return model
+    return get_model(config["model"])(config, train_data._dataset).to(config["device"])
 
 
-def _evaluation_loaders(config, dataset, test_data):
-    hook = getattr(dataset, "evaluation_loaders", None)
-    if hook is not None:
-        return hook(config, test_data)
+def load_model(model_file, dataset):
+    """The model of a saved checkpoint, rebuilt from the checkpoint's own config for ``dataset``."""
+    checkpoint = load_checkpoint(model_file)
+    config = checkpoint["config"]
+    model = get_model(config["model"])(config, dataset).to(config["device"])
+    return load_into_model(model, checkpoint)
+
+
+def evaluation_loaders(config, dataset, test_data):
+    """``(overall test loader, {group name: loader})``: the scenario groups (cold users, item
+    popularity groups, cold-start items) or a dataset's own groups (episodic scenarios)."""
+    own = getattr(dataset, "evaluation_loaders", None)
+    if own is not None:
+        return own(config, test_data)
     return scenarios.group_loaders(config, dataset, test_data)
 
 
-def _train_and_test(config, saved, verbose):
+def evaluate_groups(trainer, loaders):
+    """``{group name: result}`` of the trained model on each loader (weights as they are)."""
+    return {name: trainer.evaluate(loader, load_best_model=False, show_progress=False)
+            for name, loader in loaders.items()}
+
+
+def train_and_test(config, saved=True, verbose=True):
+    """Train the configured model, test it overall and per group: ``(trainer, result dict)``."""
     logger = getLogger()
-    dataset, train_data, valid_data, test_data = _prepare(config)
-    model = _build_model(config, train_data)
+    dataset, train_data, valid_data, test_data = prepare(config)
+    model = build_model(config, train_data)
     logger.info(model)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, verbose=verbose, saved=saved, show_progress=config["show_progress"] and verbose
     )
-    test_data, groups = _evaluation_loaders(config, dataset, test_data)
+    test_data, groups = evaluation_loaders(config, dataset, test_data)
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"] and verbose)
-    group_results = _evaluate_groups(trainer, groups)
     result = {
         "model": config["model"],
         "best_valid_score": best_valid_score,
         "valid_score_bigger": config["valid_metric_bigger"],
         "best_valid_result": best_valid_result,
         "test_result": test_result,
-        "group_results": group_results,
+        "group_results": evaluate_groups(trainer, groups),
     }
     if groups and config["eval_valid_groups"] and not hasattr(dataset, "evaluation_loaders"):
         # The same groups on the validation rows, so settings can be chosen per group without
         # looking at test numbers.
-        result["valid_group_results"] = _evaluate_groups(trainer, scenarios.group_loaders(config, dataset, valid_data)[1])
+        result["valid_group_results"] = evaluate_groups(trainer, scenarios.group_loaders(config, dataset, valid_data)[1])
     report = getattr(model, "extra_results", None)
     if report is not None:  # model-specific figures (e.g. AugBPR's judge quality and timing)
         result["extra_results"] = report(train_data, valid_data, test_data)
     return trainer, result
-
-
-def _evaluate_groups(trainer, loaders):
-    return {name: trainer.evaluate(loader, load_best_model=False, show_progress=False)
-            for name, loader in loaders.items()}
 
 
 def format_results(result):
@@ -108,7 +168,7 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
     logger = getLogger()
     logger.info(sys.argv)
     logger.info(config)
-    _, result = _train_and_test(config, saved=saved, verbose=True)
+    _, result = train_and_test(config, saved=saved, verbose=True)
     logger.info(set_color("best valid ", "yellow") + f": {dict2str(result['best_valid_result'])}")
     logger.info(set_color("test result", "yellow") + f": {dict2str(result['test_result'])}")
     for name, values in result["group_results"].items():
@@ -119,18 +179,19 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
     return result
 
 
-def objective_function(config_dict=None, config_file_list=None, saved=True):
+def objective_function(config_dict=None, config_file_list=None, saved=True, command_line=True):
     """One trial for RecBole's ``HyperTuning``: train, validate, test, quietly.
 
     Returns the five keys ``HyperTuning.trial`` reads (``model``, ``best_valid_score``,
     ``valid_score_bigger``, ``best_valid_result``, ``test_result``) plus ``group_results``.
     With ``saved`` the best-validation checkpoint is tested and then deleted, so a search leaves
-    no checkpoint per trial behind.
+    no checkpoint per trial behind. ``command_line=False``: ``--key=value`` arguments of the
+    calling program are not read (a benchmark's own flags).
     """
-    config = Config(config_dict=config_dict, config_file_list=config_file_list)
+    config = Config(config_dict=config_dict, config_file_list=config_file_list, command_line=command_line)
     init_seed(config["seed"], config["reproducibility"])
     logging.basicConfig(level=logging.ERROR)
-    trainer, result = _train_and_test(config, saved=saved, verbose=False)
+    trainer, result = train_and_test(config, saved=saved, verbose=False)
     if saved and os.path.exists(trainer.saved_model_file):
         os.remove(trainer.saved_model_file)
     return result
@@ -146,8 +207,40 @@ def load_data_and_model(model_file):
     config = checkpoint["config"]
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
-    dataset, train_data, valid_data, test_data = _prepare(config)
-    model = _build_model(config, train_data)
-    model.load_state_dict(checkpoint["state_dict"])
-    model.load_other_parameter(checkpoint.get("other_parameter"))
+    dataset, train_data, valid_data, test_data = prepare(config)
+    model = load_into_model(build_model(config, train_data), checkpoint)
     return config, model, dataset, train_data, valid_data, test_data
+
+
+def run_rating_baseline(model="WideDeep", dataset="ml-100k", config_dict=None, config_file_list=None,
+                        include_support=True, saved=True, command_line=True):
+    """Train a RecBole rating model (default WideDeep) on the episodic split and evaluate it on
+    the same validation, test and scenario tasks as MetaLLMRec / MeLU (no local adaptation).
+
+    ``include_support``: the model is trained on the support sets of the evaluation tasks too
+    (see ``EpisodicDataset.rating_baseline_data``). Returns the ``objective_function`` dict.
+    """
+    defaults = {"normalize_all": False, "normalize_field": None, "metrics": ["MAE"], "valid_metric": "MAE",
+                "train_neg_sample_args": None, "meta_ndcg_k": 3, "threshold": None,
+                "eval_args": {"split": {"RS": [0.8, 0.1, 0.1]}, "order": "RO", "group_by": None, "mode": "labeled"}}
+    config = Config(model=model, dataset=dataset, config_file_list=config_file_list,
+                    config_dict={**defaults, **(config_dict or {})}, command_line=command_line)
+    init_seed(config["seed"], config["reproducibility"])
+    set_threads(config["torch_threads"])
+    data = EpisodicDataset(config)
+    _, valid, test = data.prepare_dataloaders(config)
+    train_data = data.rating_baseline_data(include_support)
+    train = TrainDataLoader(config, train_data, None, shuffle=True)
+    init_seed(config["seed"], config["reproducibility"])
+    model_obj = get_model(config["model"])(config, train_data).to(config["device"])
+    trainer = checkpoint_safe(RatingBaselineTrainer)(config, model_obj, data, data.rating_range())
+    best_score, best_result = trainer.fit(train, valid, verbose=False, saved=saved)
+    test, groups = data.evaluation_loaders(config, test)
+    result = {
+        "model": config["model"], "best_valid_score": best_score, "valid_score_bigger": config["valid_metric_bigger"],
+        "best_valid_result": best_result, "test_result": trainer.evaluate(test, load_best_model=saved),
+        "group_results": evaluate_groups(trainer, groups),
+    }
+    if saved and os.path.exists(trainer.saved_model_file):
+        os.remove(trainer.saved_model_file)
+    return result

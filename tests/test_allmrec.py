@@ -10,10 +10,10 @@ from conftest import DATA_DIR, ML_TINY_YAML, tiny_config
 from recbole_llm.config import Config
 from recbole_llm.llm.models import load_causal_lm
 from recbole_llm.llm.scoring import score_continuations, target_token_loss
+from recbole_llm.checkpoint import CheckpointSafeMixin, load_checkpoint
 from recbole_llm.model import allmrec as allmrec_module
-from recbole_llm.model.allmrec import fit_sequences
-from recbole_llm.quick_start import _build_model, _prepare
-from recbole_llm.trainer.checkpoint import load_checkpoint
+from recbole_llm.model.backbone import fit_sequences
+from recbole_llm.quick_start import build_model, prepare, resolve_prerequisites
 from recbole_llm.utils import get_trainer
 
 TINY_SASREC = {"model": "SASRec", "epochs": 1, "hidden_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 1}
@@ -32,8 +32,8 @@ def _setup(shared_cache, model="ALLMRec", **overrides):
     settings = {**FAST, "backbone_args": TINY_SASREC, "cache_dir": shared_cache, **overrides}
     config = Config(model=model, config_file_list=[ML_TINY_YAML], config_dict=tiny_config(**settings))
     config["cache_dir"] = shared_cache
-    dataset, train_data, valid_data, test_data = _prepare(config)
-    model_obj = _build_model(config, train_data)
+    dataset, train_data, valid_data, test_data = prepare(config)
+    model_obj = build_model(config, train_data)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model_obj)
     return config, model_obj, trainer, train_data, test_data
 
@@ -122,8 +122,8 @@ def test_backbone_from_another_dataset_is_refused(shared_cache, tmp_path):
     other_data = _copy_dataset(tmp_path, "ml-other")
     bpr = Config(model="BPR", config_file_list=[ML_TINY_YAML],
                  config_dict=tiny_config(dataset="ml-other", data_path=other_data))
-    _, train_data, valid_data, _ = _prepare(bpr)
-    backbone = _build_model(bpr, train_data)
+    _, train_data, valid_data, _ = prepare(bpr)
+    backbone = build_model(bpr, train_data)
     trainer = get_trainer(bpr["MODEL_TYPE"], "BPR")(bpr, backbone)
     trainer.fit(train_data, valid_data, saved=True)
     with pytest.raises(ValueError, match=r"ml-other.*ml-tiny"):
@@ -131,8 +131,6 @@ def test_backbone_from_another_dataset_is_refused(shared_cache, tmp_path):
 
 
 def test_interrupted_backbone_training_is_not_reused(tmp_path, monkeypatch):
-    from recbole_llm.trainer.checkpoint import CheckpointSafeMixin
-
     saved = CheckpointSafeMixin._save_checkpoint
 
     def save_then_die(self, *args, **kwargs):
@@ -144,18 +142,19 @@ def test_interrupted_backbone_training_is_not_reused(tmp_path, monkeypatch):
                                             cache_dir=str(tmp_path / "cache")))
     monkeypatch.setattr(CheckpointSafeMixin, "_save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        allmrec_module.train_backbone(config)
+        resolve_prerequisites(config)
     leftovers = list((tmp_path / "cache" / "allmrec-backbones").iterdir())
     assert [p.suffix for p in leftovers] == [".training"]  # nothing under the name a rerun reuses
     monkeypatch.setattr(CheckpointSafeMixin, "_save_checkpoint", saved)
-    path = allmrec_module.train_backbone(config)
+    resolve_prerequisites(config)
+    path = config["backbone_checkpoint"]
     assert path.endswith(".pth") and load_checkpoint(path)["config"]["model"] == "SASRec"
 
 
 def test_general_backbone_gives_user_token(shared_cache):
     bpr = Config(model="BPR", config_file_list=[ML_TINY_YAML], config_dict=tiny_config())
-    _, train_data, valid_data, _ = _prepare(bpr)
-    trainer = get_trainer(bpr["MODEL_TYPE"], "BPR")(bpr, _build_model(bpr, train_data))
+    _, train_data, valid_data, _ = prepare(bpr)
+    trainer = get_trainer(bpr["MODEL_TYPE"], "BPR")(bpr, build_model(bpr, train_data))
     trainer.fit(train_data, valid_data, saved=True)
     _, model, _, _, test_data = _setup(shared_cache, backbone_checkpoint=trainer.saved_model_file)
     assert not model.backbone.sequential

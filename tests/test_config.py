@@ -7,7 +7,7 @@ from recbole.trainer import Trainer
 
 from conftest import ML_TINY_YAML, tiny_config
 from recbole_llm.config import Config
-from recbole_llm.trainer.checkpoint import CheckpointSafeMixin
+from recbole_llm.checkpoint import CheckpointSafeMixin
 from recbole_llm.utils import create_dataset, get_model, get_trainer
 
 

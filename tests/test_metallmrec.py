@@ -8,7 +8,7 @@ import torch
 from recbole_llm.config import Config
 from recbole_llm.data.episodes import SCENARIOS, TEST, TRAIN, VALID
 from recbole_llm.quick_start import objective_function
-from recbole_llm.trainer.metallmrec import graded_ndcg
+from recbole_llm.trainer.episodic import graded_ndcg
 from recbole_llm.utils import create_dataset, data_preparation, get_model, get_trainer
 from tests.conftest import ML_TINY_YAML, tiny_config
 
@@ -155,7 +155,7 @@ def test_bad_scenario_key_is_named():
 
 
 def test_widedeep_baseline_trains_on_known_ratings_only_and_runs_all_scenarios():
-    from recbole_llm.trainer.metallmrec import run_rating_baseline
+    from recbole_llm.quick_start import run_rating_baseline
 
     _, dataset, _, _ = build("MeLU")
     train = dataset.rating_baseline_data(include_support=True)

@@ -1,4 +1,5 @@
-"""RecBole dataset classes with a working auto-download and the plugin's scenario splits.
+"""RecBole dataset classes with a working auto-download, the plugin's scenario splits and the
+text side information of their users and items (rendered texts and frozen text embeddings).
 
 RecBole 1.2.1 downloads a missing dataset and then calls ``torch.distributed.barrier()``, which
 crashes in an ordinary single-process run (RecBole#1989). It also downloads straight into the
@@ -20,6 +21,9 @@ from recbole.utils.argument_list import dataset_arguments
 from recbole.utils.url import download_url, extract_zip, rename_atomic_files
 
 from recbole_llm.data import scenarios
+from recbole_llm.data.episodes import SCENARIOS, TEST, TRAIN, VALID, TaskDataLoader, build_episodes
+from recbole_llm.data.text import TextSideInformation
+from recbole_llm.llm.encoder import embed_from_config
 
 
 class PluginDatasetMixin:
@@ -72,6 +76,27 @@ class PluginDatasetMixin:
         """Train/valid/test dataloaders; subclasses with their own loaders override this."""
         return recbole.data.data_preparation(config, self)
 
+    # -- text side information (UniSRec's ``dataset.plm_embedding``, for any template and encoder)
+
+    def texts(self, kind, template_key):
+        """``["", text of internal id 1, ...]``: the ``kind`` ("item" or "user") texts rendered
+        from the atomic file with the template under config key ``template_key``."""
+        cache = self.__dict__.setdefault("_texts", {})
+        if (kind, template_key) not in cache:
+            cache[kind, template_key] = TextSideInformation(self.config, self).texts(kind, template_key)
+        return cache[kind, template_key]
+
+    def text_embeddings(self, kind, template_key, encoder_key="text_encoder"):
+        """float32 ``[number of ids, dim]`` frozen embeddings of ``texts(kind, template_key)`` by the
+        model under config key ``encoder_key`` (row 0, padding, is zeros); cached on disk by
+        content under ``cache_dir``, so every model and run with the same texts shares them."""
+        cache = self.__dict__.setdefault("_text_embeddings", {})
+        key = (kind, template_key, encoder_key)
+        if key not in cache:
+            rows = embed_from_config(self.config, self.texts(kind, template_key)[1:], encoder_key=encoder_key).float()
+            cache[key] = torch.cat([torch.zeros(1, rows.shape[1]), rows])
+        return cache[key]
+
 
 def _flatten_single_folder(folder):
     """Archives that wrap their files in one top-level folder are unwrapped."""
@@ -117,7 +142,7 @@ def load_saved_dataset(config, dataset_class):
     return dataset
 
 
-class MetaLLMRecDataset(PluginDatasetMixin, recbole_datasets.Dataset):
+class EpisodicDataset(PluginDatasetMixin, recbole_datasets.Dataset):
     """Episodic tasks for meta-learned rating prediction (``recbole_llm/data/episodes.py``).
 
     The attribute fields named by ``meta_user_fields`` / ``meta_item_fields`` (MeLU's inputs, the
@@ -138,8 +163,6 @@ class MetaLLMRecDataset(PluginDatasetMixin, recbole_datasets.Dataset):
     @property
     def episodes(self):
         if getattr(self, "_episodes", None) is None:
-            from recbole_llm.data.episodes import build_episodes
-
             if not isinstance(self.inter_feat, Interaction):
                 self._change_feat_format()  # what RecBole's build() does first: DataFrames -> Interactions
             self._episodes = build_episodes(self)
@@ -147,8 +170,6 @@ class MetaLLMRecDataset(PluginDatasetMixin, recbole_datasets.Dataset):
 
     def train_rating_mean(self):
         """Mean rating over the meta-training tasks (start of the estimator's output bias)."""
-        from recbole_llm.data.episodes import TRAIN
-
         ratings = [torch.cat([t.support_ratings, t.query_ratings]) for t in self.episodes[TRAIN]]
         return float(torch.cat(ratings).mean())
 
@@ -164,8 +185,6 @@ class MetaLLMRecDataset(PluginDatasetMixin, recbole_datasets.Dataset):
         a meta model adapts on the same ratings). Query ratings are never included. The label
         ``LABEL_FIELD`` is the rating min-max scaled to [0, 1].
         """
-        from recbole_llm.data.episodes import TRAIN
-
         rows = [torch.cat([t.support_rows, t.query_rows]) for t in self.episodes[TRAIN]]
         if include_support:
             rows += [t.support_rows for name, tasks in self.episodes.items() if name != TRAIN for t in tasks]
@@ -177,8 +196,6 @@ class MetaLLMRecDataset(PluginDatasetMixin, recbole_datasets.Dataset):
         return self.copy(inter)
 
     def prepare_dataloaders(self, config):
-        from recbole_llm.data.episodes import TEST, TRAIN, VALID, TaskDataLoader
-
         episodes = self.episodes
         return (
             TaskDataLoader(config, self, episodes[TRAIN], shuffle=config["shuffle"]),
@@ -188,8 +205,6 @@ class MetaLLMRecDataset(PluginDatasetMixin, recbole_datasets.Dataset):
 
     def evaluation_loaders(self, config, test_loader):
         """The warm-warm test loader and one loader per scenario (``episodes.SCENARIOS``)."""
-        from recbole_llm.data.episodes import SCENARIOS, TaskDataLoader
-
         groups = {}
         for name in SCENARIOS:
             tasks = self.episodes[name]
@@ -199,6 +214,3 @@ class MetaLLMRecDataset(PluginDatasetMixin, recbole_datasets.Dataset):
                 getLogger().warning(f"Scenario [{name}] has no task; skipped.")
         return test_loader, groups
 
-
-class MeLUDataset(MetaLLMRecDataset):
-    """MeLU runs on exactly the episodes of MetaLLMRec."""

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from recbole.data.dataloader.abstract_dataloader import AbstractDataLoader
 
+from recbole_llm.data.scenarios import dict_setting, seeded_rng
+
 TRAIN, VALID, TEST = "train", "valid", "test"
 SCENARIOS = ("warm_user_warm_item", "cold_user_warm_item", "warm_user_cold_item", "cold_user_cold_item")
 DEFAULT_META_ARGS = {"query_num": 10, "min_inter": 13, "max_inter": 100, "valid_test_ratio": [0.1, 0.1]}
@@ -52,29 +54,15 @@ class Task:
     query_rows: torch.Tensor
 
 
-def _merged(config, key, defaults):
-    given = config[key] or {}
-    if not isinstance(given, dict):
-        raise ValueError(f"{key} must be a dict, got {given!r}")
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise ValueError(f"{key} has unknown key(s) {unknown}; known: {sorted(defaults)}")
-    return {**defaults, **given}
-
-
 def meta_args(config):
-    args = _merged(config, "meta_args", DEFAULT_META_ARGS)
+    args = dict_setting(config, "meta_args", defaults=DEFAULT_META_ARGS)
     if not 1 <= args["query_num"] < args["min_inter"] <= args["max_inter"]:
         raise ValueError(f"meta_args needs 1 <= query_num < min_inter <= max_inter, got {args}")
     return args
 
 
-def split_seed(config):
-    return config["meta_split_seed"] if config["meta_split_seed"] is not None else config["seed"]
-
-
 def _rng(config, *stream):
-    return np.random.default_rng([int(split_seed(config)), *stream])
+    return seeded_rng(config, "meta_split_seed", *stream)
 
 
 def item_year_values(dataset, field):
@@ -162,7 +150,7 @@ def build_episodes(dataset):
     """``{train, valid, test, <scenario>...: [Task]}`` for a RecBole dataset (after filtering)."""
     config = dataset.config
     args = meta_args(config)
-    scenario_args = _merged(config, "meta_scenario_args", DEFAULT_SCENARIO_ARGS)
+    scenario_args = dict_setting(config, "meta_scenario_args", defaults=DEFAULT_SCENARIO_ARGS)
     rating_field = config["RATING_FIELD"]
     if rating_field not in dataset.inter_feat:
         raise KeyError(f"episodic tasks need the rating field [{rating_field}] in the .inter file")

@@ -32,21 +32,36 @@ import torch
 from recbole.data.dataloader import FullSortEvalDataLoader
 
 
-def _rng(config):
-    seed = config["scenario_seed"] if config["scenario_seed"] is not None else config["seed"]
-    return np.random.default_rng(seed)
+def seeded_rng(config, seed_key, *stream):
+    """numpy Generator seeded by ``config[seed_key]`` (``~`` = the run's ``seed``); ``stream``
+    numbers give independent generators for the separate draws of one split."""
+    seed = config[seed_key] if config[seed_key] is not None else config["seed"]
+    return np.random.default_rng([int(seed), *stream] if stream else seed)
 
 
-def _args(config, key, required):
-    args = config[key]
-    if args is None:
+def dict_setting(config, key, required=(), defaults=None):
+    """The dict-valued setting ``key``, checked. Unset: None, or ``defaults`` when given. With
+    ``defaults`` the value is merged over them and keys they do not name are refused."""
+    given = config[key]
+    if given is None and defaults is None:
         return None
-    if not isinstance(args, dict):
-        raise ValueError(f"{key} must be a dict such as {{{', '.join(required)}: ...}}, got {args!r}")
-    missing = [name for name in required if name not in args]
+    given = given or {}
+    if not isinstance(given, dict):
+        example = ", ".join(f"{name}: ..." for name in (required or sorted(defaults or {})[:2]))
+        raise ValueError(f"{key} must be a dict such as {{{example}}}, got {given!r}")
+    missing = [name for name in required if name not in given]
     if missing:
-        raise ValueError(f"{key} is missing {missing}; got {args!r}")
-    return args
+        raise ValueError(f"{key} is missing {missing}; got {given!r}")
+    if defaults is None:
+        return given
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"{key} has unknown key(s) {unknown}; known: {sorted(defaults)}")
+    return {**defaults, **given}
+
+
+def _rng(config):
+    return seeded_rng(config, "scenario_seed")
 
 
 def _eval_rows_per_user(config):
@@ -72,7 +87,7 @@ def before_split(dataset):
 
 def _choose_cold_users(dataset):
     config = dataset.config
-    args = _args(config, "cold_user_args", ["inter_num"])
+    args = dict_setting(config, "cold_user_args", ["inter_num"])
     if args is None:
         return None
     n = int(args["inter_num"])
@@ -106,7 +121,7 @@ def _choose_cold_users(dataset):
 
 def _choose_cold_start_items(dataset):
     config = dataset.config
-    args = _args(config, "cold_item_args", ["ratio"])
+    args = dict_setting(config, "cold_item_args", ["ratio"])
     if args is None:
         return None
     df = dataset.inter_feat

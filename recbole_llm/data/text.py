@@ -196,10 +196,3 @@ class TextSideInformation:
                 self.fallback_count += 1
         return texts
 
-
-def item_texts(config, dataset, template_key="item_text_template"):
-    return TextSideInformation(config, dataset).texts("item", template_key)
-
-
-def user_texts(config, dataset, template_key="user_text_template"):
-    return TextSideInformation(config, dataset).texts("user", template_key)

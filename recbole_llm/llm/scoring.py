@@ -31,8 +31,22 @@ def kv_cache_of(output):
     return output["cache"] if "cache" in output.keys() else output["past_key_values"]
 
 
-def _input_embeddings(llm):
-    return llm.get_input_embeddings()
+def left_pad(rows, pad_value=0):
+    """Rows of different lengths (token ids ``[L_b]`` or embeddings ``[L_b, H]``) as one left-padded
+    batch, with the attention mask and the position ids that make the padding invisible: every
+    row's last token sits in the last column, so ``logits_to_keep`` reads all rows' final positions.
+
+    Returns ``(batch, attention_mask, position_ids)``.
+    """
+    width = max(len(row) for row in rows)
+    first = rows[0]
+    batch = first.new_full((len(rows), width, *first.shape[1:]), pad_value)
+    attention = torch.zeros(len(rows), width, dtype=torch.long, device=first.device)
+    for b, row in enumerate(rows):
+        batch[b, width - len(row):] = row
+        attention[b, width - len(row):] = 1
+    positions = (attention.cumsum(1) - 1).clamp(min=0)
+    return batch, attention, positions
 
 
 def _pad_ids(sequences, pad_id, device):
@@ -82,7 +96,7 @@ def target_token_loss(llm, prompt_embeds, targets):
     ``prompt_embeds``: list of [P_b, H] tensors (gradients flow back into them);
     ``targets``: list of non-empty token-id lists. Returns a scalar tensor.
     """
-    embed = _input_embeddings(llm)
+    embed = llm.get_input_embeddings()
     device, dtype = embed.weight.device, embed.weight.dtype
     rows, target_lengths = [], []
     for prompt, target in zip(prompt_embeds, targets):
@@ -91,14 +105,7 @@ def target_token_loss(llm, prompt_embeds, targets):
         target_ids = torch.as_tensor(target, dtype=torch.long, device=device)
         rows.append(torch.cat([prompt.to(dtype), embed(target_ids)]))
         target_lengths.append(len(target))
-    width = max(len(r) for r in rows)
-    hidden = rows[0].shape[1]
-    inputs = torch.zeros(len(rows), width, hidden, dtype=dtype, device=device)
-    attention = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-    for b, row in enumerate(rows):
-        inputs[b, width - len(row):] = row
-        attention[b, width - len(row):] = 1
-    positions = (attention.cumsum(1) - 1).clamp(min=0)
+    inputs, attention, positions = left_pad(rows)
     keep = max(target_lengths) + 1
     logits = llm(inputs_embeds=inputs, attention_mask=attention, position_ids=positions,
                  logits_to_keep=keep).logits.float()  # [B, keep, V]: the last `keep` positions

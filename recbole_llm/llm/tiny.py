@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from recbole_llm.llm.cache import model_home
+
 _SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
@@ -68,8 +70,6 @@ _BUILDERS = {"tiny-random-llama": _build_llama, "tiny-random-sentence": _build_s
 
 def tiny_model_dir(name):
     """Folder of the tiny model ``name``, built on first use."""
-    from recbole_llm.llm.models import model_home
-
     target = model_home() / "tiny" / name
     if (target / "config.json").is_file() or (target / "modules.json").is_file():
         return target

@@ -1,12 +1,13 @@
 """ALLMRec (A-LLMRec, KDD'24): a frozen RecBole model aligned with a text encoder and a frozen LLM.
 
 * Backbone: any RecBole checkpoint (``backbone_checkpoint``; SASRec, GRU4Rec, NextItNet, BPR,
-  NeuMF, ...), rebuilt from the checkpoint's own config and frozen. Without a checkpoint the
-  backbone (``backbone_args``) is first trained through our own quick start and cached under
-  ``cache_dir`` by a content key of its config. ``BackboneAdapter`` gives item embeddings E_i and
-  the user representation x_u (sequential models: the sequence output; general models: the user
-  embedding). The frozen backbone always runs in eval mode, i.e. **without dropout** (the official
-  code leaves its SASRec in train mode, so its x_u carries dropout noise in both stages).
+  NeuMF, ...), rebuilt from the checkpoint's own config and frozen (``model/backbone.py``). The
+  model only loads it; without a checkpoint the quick start first trains ``backbone_args`` as a
+  run of its own, cached under ``cache_dir`` by a content key of its config (``prerequisites``).
+  ``BackboneAdapter`` gives item embeddings E_i and the user representation x_u (sequential
+  models: the sequence output; general models: the user embedding). The frozen backbone always
+  runs in eval mode, i.e. **without dropout** (the official code leaves its SASRec in train mode,
+  so its x_u carries dropout noise in both stages).
 * Stage 1 (paper 4.1): item encoder/decoder over E, text encoder/decoder over SBERT(text);
   loss = match * MSE(e, q) + alpha * MSE(dec(e), E) + beta * MSE(dec_T(q), Q) + rec * BCE of
   x_u . dec(e) for the positive and one sampled negative (the paper's dot product; the official
@@ -28,195 +29,21 @@ The LLM (and the backbone) are submodules but their frozen weights are left out 
 ``state_dict``: checkpoints hold only what ALLMRec trains (see ``ALLMRecTrainer``).
 """
 import hashlib
-import os
 import re
-import sys
-import time
-from logging import getLogger
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
-from recbole.utils import InputType, ModelType
+from recbole.utils import InputType
 
 from recbole_llm.data.history import user_histories
-from recbole_llm.data.text import TextSideInformation
 from recbole_llm.llm import models
-from recbole_llm.llm.cache import content_key
-from recbole_llm.llm.encoder import embed_from_config
 from recbole_llm.llm.scoring import score_continuations, target_token_loss
-from recbole_llm.trainer.checkpoint import load_checkpoint
+from recbole_llm.model.backbone import backbone_run, load_backbone
 
 FINETUNE = ("full", "last", "frozen")
 ITEM_SOURCES = ("joint", "text")
-# Settings that decide which users/items exist and how they are numbered: a backbone trained
-# with other values has other internal ids.
-ID_ARGUMENTS = ("USER_ID_FIELD", "ITEM_ID_FIELD", "rm_dup_inter", "val_interval",
-                "filter_inter_by_user_or_item", "user_inter_num_interval", "item_inter_num_interval")
-# Inherited settings that do not change the trained backbone (left out of its cache key).
-RUNTIME = ("checkpoint_dir", "torch_threads", "show_progress", "state", "device", "use_gpu")
-# Settings a backbone trained by ALLMRec inherits, so it sees the same data and split.
-INHERITED = ID_ARGUMENTS + (
-    "load_col", "unload_col", "TIME_FIELD", "RATING_FIELD", "seed", "reproducibility",
-    "MAX_ITEM_LIST_LENGTH", "scenario_seed", "cold_user_args", "few_shot_users", "cold_item_args",
-    "normalize_all", *RUNTIME,
-)
-
-
-# ------------------------------------------------------------------------------------------------
-# backbone
-
-
-class BackboneAdapter(torch.nn.Module):
-    """Item embeddings E_i and user representations x_u of a frozen RecBole model.
-
-    Sequential models: E = their item embedding table, x_u = ``forward(item_seq, item_seq_len)``.
-    General models: E and x_u are the item / user embedding tables (several tables, e.g. NeuMF's
-    MF and MLP ones, are concatenated).
-    """
-
-    def __init__(self, model, n_users, n_items):
-        super().__init__()
-        self.model = model
-        self.sequential = model.type == ModelType.SEQUENTIAL
-        self.max_len = model.max_seq_length if self.sequential else None
-        self.item_tables = self._tables(model, "item_embedding", n_items)
-        self.user_tables = [] if self.sequential else self._tables(model, "user_embedding", n_users)
-        if not self.item_tables or (not self.sequential and not self.user_tables):
-            raise ValueError(
-                f"backbone {type(model).__name__} has no item/user embedding table with "
-                f"{n_items} items / {n_users} users; ALLMRec needs E_i and x_u from it"
-            )
-        self.item_dim = sum(t.embedding_dim for t in self.item_tables)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.eval()
-
-    @staticmethod
-    def _tables(model, name, size):
-        named = getattr(model, name, None)
-        if isinstance(named, torch.nn.Embedding):
-            return [named]
-        return [m for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.num_embeddings == size]
-
-    def train(self, mode=True):
-        return super().train(False)  # frozen: never dropout
-
-    @torch.no_grad()
-    def item_embeddings(self, items):
-        return torch.cat([t(items) for t in self.item_tables], dim=-1)
-
-    @torch.no_grad()
-    def user_representation(self, users, item_seq, item_seq_len):
-        if not self.sequential:
-            return torch.cat([t(users) for t in self.user_tables], dim=-1)
-        if item_seq.shape[1] != self.max_len:
-            item_seq, item_seq_len = fit_sequences(item_seq, item_seq_len, self.max_len)
-        return self.model.forward(item_seq, item_seq_len)
-
-
-def fit_sequences(item_seq, item_seq_len, max_len):
-    """Left-aligned padded sequences cut (keeping the most recent items) or padded to ``max_len``."""
-    n, width = item_seq.shape
-    lengths = item_seq_len.clamp(max=max_len)
-    start = (item_seq_len - lengths).unsqueeze(1)
-    index = (start + torch.arange(max_len, device=item_seq.device).unsqueeze(0)).clamp(max=width - 1)
-    out = item_seq.gather(1, index)
-    out[torch.arange(max_len, device=item_seq.device).unsqueeze(0) >= lengths.unsqueeze(1)] = 0
-    return out, lengths
-
-
-def backbone_config(config):
-    """Config of the backbone ALLMRec trains when no checkpoint is given (same data and split)."""
-    from recbole_llm.config import Config
-
-    args = dict(config["backbone_args"] or {})
-    model = args.pop("model", "SASRec")
-    eval_args = dict(config["eval_args"])
-    settings = {key: config[key] for key in INHERITED if config[key] is not None}
-    settings["eval_args"] = eval_args
-    settings["data_path"] = os.path.dirname(os.path.normpath(config["data_path"]))  # RecBole appends the name
-    settings.update(args)
-    # RecBole's Config reads --key=value from sys.argv; those are meant for ALLMRec.
-    argv, sys.argv = sys.argv, sys.argv[:1]
-    try:
-        return Config(model=model, dataset=config["dataset"], config_dict=settings), settings
-    finally:
-        sys.argv = argv
-
-
-def train_backbone(config):
-    """Path of a backbone checkpoint for ``config``: trained once through our quick start, cached."""
-    from recbole_llm.quick_start import _build_model, _prepare
-    from recbole_llm.utils import get_trainer
-
-    bconfig, settings = backbone_config(config)
-    data_and_model = {k: v for k, v in settings.items() if k not in RUNTIME}
-    key = content_key("allmrec-backbone-v1", bconfig["model"], config["dataset"], data_and_model)
-    path = os.path.join(config["cache_dir"], "allmrec-backbones", f"{bconfig['model']}-{config['dataset']}-{key[:16]}.pth")
-    logger = getLogger()
-    if os.path.isfile(path):
-        logger.info(f"ALLMRec backbone: reusing {path}")
-        return path
-    logger.info(f"ALLMRec backbone: training {bconfig['model']} on [{config['dataset']}] (cached as {path})")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    _, train_data, valid_data, _ = _prepare(bconfig)
-    model = _build_model(bconfig, train_data)
-    trainer = get_trainer(bconfig["MODEL_TYPE"], bconfig["model"])(bconfig, model)
-    # Best epochs are written (atomically) under a temporary name that becomes ``path`` only when
-    # training ends: a killed run must not leave a half-trained backbone that the next run reuses.
-    partial = path + ".training"
-    trainer.saved_model_file = partial
-    began = time.time()
-    trainer.fit(train_data, valid_data, saved=True, show_progress=bconfig["show_progress"])
-    os.replace(partial, path)
-    logger.info(f"ALLMRec backbone time: {time.time() - began:.1f}s ({bconfig['model']}, {bconfig['epochs']} epochs)")
-    return path
-
-
-def check_same_data(config, dataset, backbone_conf, path):
-    """Refuse a backbone whose dataset or filtering differs: its ids would mean other items."""
-    differences = []
-    if backbone_conf["dataset"] != config["dataset"]:
-        differences.append(f"dataset [{backbone_conf['dataset']}] vs [{config['dataset']}]")
-    for key in ID_ARGUMENTS:
-        if backbone_conf[key] != config[key]:
-            differences.append(f"{key} {backbone_conf[key]!r} vs {config[key]!r}")
-    if differences:
-        raise ValueError(
-            f"backbone checkpoint {path} was trained on other data than this run "
-            f"(checkpoint vs ALLMRec): {'; '.join(differences)}"
-        )
-    for key in ("cold_user_args", "few_shot_users", "cold_item_args"):
-        if backbone_conf[key] != config[key]:
-            getLogger().warning(
-                f"backbone checkpoint {path} used {key}={backbone_conf[key]!r}, this run {config[key]!r}: "
-                "the backbone may have trained on users or items this run holds out"
-            )
-
-
-def load_backbone(config, dataset):
-    path = config["backbone_checkpoint"] or train_backbone(config)
-    checkpoint = load_checkpoint(path)
-    bconf = checkpoint["config"]
-    check_same_data(config, dataset, bconf, path)
-    from recbole_llm.utils import get_model
-
-    model = get_model(bconf["model"])(bconf, dataset)
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as error:
-        raise ValueError(
-            f"backbone checkpoint {path} does not fit dataset [{config['dataset']}] "
-            f"({dataset.user_num} user ids, {dataset.item_num} item ids): {error}"
-        ) from None
-    getLogger().info(f"ALLMRec backbone: {bconf['model']} from {path} (frozen)")
-    return BackboneAdapter(model, dataset.user_num, dataset.item_num)
-
-
-# ------------------------------------------------------------------------------------------------
-# the model
 
 
 def _mlp_projector(in_dim, out_dim, activation):
@@ -264,19 +91,17 @@ class ALLMRec(SequentialRecommender):
         warm[0] = False
         self.register_buffer("item_warm", warm, persistent=False)
 
-        side = TextSideInformation(config, dataset)
-        self.item_text = side.texts("item", "item_text_template")
-        titles = side.texts("item", "item_title_template" if config["item_title_template"] else "item_text_template")
+        self.item_text = dataset.texts("item", "item_text_template")
+        titles = dataset.texts("item", "item_title_template" if config["item_title_template"] else "item_text_template")
         self.titles = [t.replace('"', "'") for t in titles]
 
-        needs_backbone = self.use_user_token or self.use_item_tokens or config["eval_args"]["mode"] == "full"
-        self.backbone = load_backbone(config, dataset) if needs_backbone else None
+        self.backbone = load_backbone(config, dataset) if self.needs_backbone(config) else None
         latent = int(config["latent_dim"])
         if self.backbone is not None:
             d = self.backbone.item_dim
             self.item_encoder = torch.nn.Sequential(torch.nn.Linear(d, latent), torch.nn.Sigmoid())
             self.item_decoder = torch.nn.Linear(latent, d)
-        self._init_text_encoder(config, latent)
+        self._init_text_encoder(config, dataset, latent)
 
         self.llm, self.tokenizer = models.load_causal_lm(config["llm"], config["llm_dtype"] or "auto", self.device)
         for p in self.llm.parameters():
@@ -292,25 +117,37 @@ class ALLMRec(SequentialRecommender):
         self._prompt_ids = {}
         self.title_ids = None  # tokenised lazily (see _target_ids)
 
+    # -- prerequisites: the backbone arrives by config path ----------------------------------------
+
+    @staticmethod
+    def needs_backbone(config):
+        """Soft tokens and full ranking need the backbone; the LLM-only prompt does not."""
+        return bool(config["use_user_token"] or config["use_item_tokens"] or config["eval_args"]["mode"] == "full")
+
+    @classmethod
+    def prerequisites(cls, config):
+        """``{config key: run}`` of the runs the quick start trains before building this model
+        (each run: ``{"model", "config_dict", "path"}``): the backbone when no checkpoint is given."""
+        if config["backbone_checkpoint"] or not cls.needs_backbone(config):
+            return {}
+        return {"backbone_checkpoint": backbone_run(config)}
+
     # -- set-up helpers ------------------------------------------------------------------------
 
-    def _init_text_encoder(self, config, latent):
+    def _init_text_encoder(self, config, dataset, latent):
         finetune = config["sbert_finetune"]
         if finetune not in FINETUNE:
             raise ValueError(f"sbert_finetune must be one of {FINETUNE}, got {finetune!r}")
         self.sbert_finetune = finetune
-        texts = self.item_text[1:]
-        frozen = embed_from_config(config, texts, namespace="allmrec").float()
-        table = torch.cat([torch.zeros(1, frozen.shape[1]), frozen])
         # the text embedding of every item; refreshed after stage 1 when SBERT is fine-tuned
-        self.register_buffer("item_text_emb", table)
+        self.register_buffer("item_text_emb", dataset.text_embeddings("item", "item_text_template").clone())
         self.sbert = None
         if finetune != "frozen":
             self.sbert = models.load_sentence_encoder(config["text_encoder"], self.device)
             self.sbert.max_seq_length = min(self.sbert.max_seq_length or 256, int(config["text_max_length"] or 256))
             if finetune == "last":
                 self._freeze_all_but_last_layer(self.sbert)
-        s = table.shape[1]
+        s = self.item_text_emb.shape[1]
         self.text_encoder = torch.nn.Sequential(torch.nn.Linear(s, latent), torch.nn.Sigmoid())
         self.text_decoder = torch.nn.Linear(latent, s)
 
@@ -327,7 +164,7 @@ class ALLMRec(SequentialRecommender):
 
     @staticmethod
     def _with_lora(llm, args):
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model  # heavy (~4 s): only TALLRec-style runs pay for it
 
         args.setdefault("target_modules", ["q_proj", "v_proj"])
         return get_peft_model(llm, LoraConfig(task_type="CAUSAL_LM", **args))

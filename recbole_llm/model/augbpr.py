@@ -34,16 +34,14 @@ from recbole.utils import InputType, ModelType
 
 from recbole_llm import PROPERTIES_DIR
 from recbole_llm.data.history import user_histories
-from recbole_llm.data.text import TextSideInformation
 from recbole_llm.llm import judge as judges
+from recbole_llm.utils import get_model
 
 AUG_SCORES = ("auto", "predict", "logit")
 
 
 def base_model_class(name):
     """The RecBole or plugin model class named ``name``, refusing names that are not models."""
-    from recbole_llm.utils import get_model
-
     if not isinstance(name, str) or not name:
         raise ValueError(f"AugBPR needs base_model, the name of a RecBole model (e.g. SASRec), got {name!r}")
     try:
@@ -112,10 +110,9 @@ class AugBPR(AbstractRecommender):
         self.min_history = int(config["aug_min_history"])
         if self.min_history < 1:
             raise ValueError(f"aug_min_history must be at least 1 (a judge needs a history), got {self.min_history}")
-        side = TextSideInformation(config, dataset)
         title_key = "item_title_template" if config["item_title_template"] else "item_text_template"
-        self.judge = judges.judge_from_config(config, self.histories, side.texts("item", title_key),
-                                              side.texts("item", "item_text_template"))
+        self.judge = judges.judge_from_config(config, self.histories, dataset.texts("item", title_key),
+                                              dataset.texts("item", "item_text_template"))
 
         self.judge_report = None
         if self.aug_weight == 0:  # the base model alone: nothing to judge

@@ -21,11 +21,12 @@ Loss (inner and outer): ``loss_type: L1`` (the paper's) or ``MSE`` (MeLU's).
 The output bias starts at the mean meta-training rating, so the untrained model predicts the
 global mean rather than 0.
 """
+import higher
 import torch
-from recbole.model.abstract_recommender import GeneralRecommender
-from recbole.utils import InputType, ModelType
 from torch import nn
 from torch.func import functional_call
+
+from recbole_llm.model.episodic import EpisodicRecommender
 
 BACKENDS = ("higher", "func")
 LOSSES = {"L1": nn.functional.l1_loss, "MSE": nn.functional.mse_loss}
@@ -35,10 +36,7 @@ def _detach_grads(grads):
     return [g.detach() if g is not None else None for g in grads]
 
 
-class MetaEstimator(GeneralRecommender):
-    type = ModelType.GENERAL
-    input_type = InputType.POINTWISE
-
+class MetaEstimator(EpisodicRecommender):
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.local_lr = float(config["local_lr"])
@@ -53,7 +51,6 @@ class MetaEstimator(GeneralRecommender):
         if loss_type not in LOSSES:
             raise ValueError(f"loss_type must be one of {sorted(LOSSES)} for {type(self).__name__}, got {loss_type!r}")
         self.loss_fn = LOSSES[loss_type]
-        self.rating_mean = dataset.train_rating_mean() if hasattr(dataset, "train_rating_mean") else 0.0
 
     def build_estimator(self, in_dim, hidden_sizes):
         """The locally adapted MLP; its output bias starts at the mean training rating."""
@@ -85,8 +82,6 @@ class MetaEstimator(GeneralRecommender):
         return self._adapt_func(x_support, y_support, x_query, steps, track_meta_grads)
 
     def _adapt_higher(self, x_s, y_s, x_q, steps, track):
-        import higher
-
         inner_opt = torch.optim.SGD(self.estimator.parameters(), lr=self.local_lr)
         callback = _detach_grads if self.first_order else None
         with higher.innerloop_ctx(self.estimator, inner_opt, copy_initial_weights=False,
@@ -115,23 +110,16 @@ class MetaEstimator(GeneralRecommender):
     # ------------------------------------------------------------------------------------------
     # tasks
 
-    def _task_tensors(self, task):
-        device = self.device
-        users_s = torch.full_like(task.support_items, task.user).to(device)
-        users_q = torch.full_like(task.query_items, task.user).to(device)
-        return (users_s, task.support_items.to(device), task.support_ratings.to(device),
-                users_q, task.query_items.to(device))
-
     def calculate_loss(self, task):
         """MAML query loss of one ``episodes.Task`` (differentiable w.r.t. all meta-parameters)."""
-        users_s, items_s, y_s, users_q, items_q = self._task_tensors(task)
+        users_s, items_s, y_s, users_q, items_q = self.task_tensors(task)
         x_s, x_q = self.features(users_s, items_s), self.features(users_q, items_q)
         pred = self.adapted_predict(x_s, y_s, x_q, self.local_update, track_meta_grads=True)
         return self.loss_fn(pred, task.query_ratings.to(self.device))
 
     def adapt_and_predict(self, task):
         """Query ratings predicted after adapting on the task's support set (meta weights kept)."""
-        users_s, items_s, y_s, users_q, items_q = self._task_tensors(task)
+        users_s, items_s, y_s, users_q, items_q = self.task_tensors(task)
         with torch.enable_grad():
             x_s = self.features(users_s, items_s).detach()
             x_q = self.features(users_q, items_q).detach()

@@ -4,8 +4,9 @@ User and item attributes are rendered as text from the dataset's templates (``me
 / ``meta_item_text_key`` name the template keys, e.g. "The title of the movie is ... The genres
 are ..."), embedded once by ``text_source`` (``encoder``: the sentence encoder ``text_encoder``;
 ``llm``: mean-pooled last hidden states of the causal LLM ``llm``) and cached on disk
-(``recbole_llm/llm/encoder.py``). The embeddings are frozen, non-persistent buffers: they stay
-out of the optimizer and of checkpoints and are recomputed (from the cache) when a model is built.
+by the dataset (``dataset.text_embeddings``). The embeddings are frozen, non-persistent buffers:
+they stay out of the optimizer and of checkpoints and are read again (from the cache) when a model
+is built.
 
 With ``text_standardize`` each embedding dimension is z-scored over the users (items) first.
 Features of a pair are ``[item_proj(e_item) ; user_proj(e_user)]`` with two global linear
@@ -16,8 +17,6 @@ the MLP sizes or the learning rates; the defaults in ``properties/model/MetaLLMR
 import torch
 from torch import nn
 
-from recbole_llm.data.text import TextSideInformation
-from recbole_llm.llm.encoder import embed_from_config
 from recbole_llm.model.meta_estimator import MetaEstimator
 
 TEXT_SOURCES = {"encoder": "text_encoder", "llm": "llm"}
@@ -29,19 +28,17 @@ class MetaLLMRec(MetaEstimator):
         source = config["text_source"] or "encoder"
         if source not in TEXT_SOURCES:
             raise ValueError(f"text_source must be one of {sorted(TEXT_SOURCES)}, got {source!r}")
-        side = TextSideInformation(config, dataset)
         for kind in ("user", "item"):
             key = config[f"meta_{kind}_text_key"] or f"{kind}_text_template"
             if config[key] is None:
                 key = f"{kind}_text_template"  # the dataset has no MetaLLMRec-specific template
-            texts = side.texts(kind, key)
-            embeddings = embed_from_config(config, texts[1:], namespace="metallmrec", encoder_key=TEXT_SOURCES[source])
-            embeddings = embeddings.float()
+            table = dataset.text_embeddings(kind, key, encoder_key=TEXT_SOURCES[source])
             if config["text_standardize"]:
                 # per-dimension z-scores over the entities: sentence embeddings are unit vectors
                 # with tiny coordinates, which leave the local SGD steps almost nothing to move
-                embeddings = (embeddings - embeddings.mean(0)) / embeddings.std(0).clamp(min=1e-6)
-            table = torch.cat([torch.zeros(1, embeddings.shape[1]), embeddings])
+                rows = table[1:]
+                rows = (rows - rows.mean(0)) / rows.std(0).clamp(min=1e-6)
+                table = torch.cat([torch.zeros(1, rows.shape[1]), rows])
             self.register_buffer(f"{kind}_text", table.to(self.device), persistent=False)
         text_dim = self.item_text.shape[1]
         proj_dim = int(config["proj_dim"])

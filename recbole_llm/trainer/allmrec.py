@@ -19,11 +19,11 @@ from recbole.trainer import Trainer
 from recbole.utils import set_color
 from tqdm import tqdm
 
+from recbole_llm.checkpoint import CheckpointSafeMixin, load_checkpoint
 from recbole_llm.data.scenarios import limit_users
-from recbole_llm.trainer.checkpoint import load_checkpoint
 
 
-class ALLMRecTrainer(Trainer):
+class ALLMRecTrainer(CheckpointSafeMixin, Trainer):
     def __init__(self, config, model):
         super().__init__(config, model)
         self.stages = [int(s) for s in (config["stages"] if config["stages"] is not None else [1, 2])]

@@ -1,4 +1,5 @@
-"""Episodic trainer for MAML rating estimators (MetaLLMRec, MeLU) and task evaluation for baselines.
+"""Episodic trainer (one user = one task) for MetaLLMRec, MeLU and SupportMedian, and task
+evaluation for RecBole's rating models.
 
 Training: each meta-batch holds ``train_batch_size`` tasks; every task's query loss after local
 adaptation (``model.calculate_loss(task)``) is back-propagated (averaged over the batch) into the
@@ -16,6 +17,9 @@ touching the meta-parameters. Metrics:
   (2^r_j - 1) / log2(j + 1) with r_j the true rating at rank j, divided by the DCG@3 of the query
   sorted by true rating; the mean over tasks is reported. RecBole's NDCG is binary and cannot be
   combined with MAE in one metrics list, hence our own.
+
+Models trained here are ``EpisodicRecommender``s: ``calculate_loss(task)`` and
+``adapt_and_predict(task)``.
 """
 import math
 from collections import OrderedDict
@@ -27,7 +31,7 @@ from recbole.trainer import Trainer
 from recbole.utils import set_color
 from tqdm import tqdm
 
-from recbole_llm.trainer.checkpoint import load_checkpoint
+from recbole_llm.checkpoint import CheckpointSafeMixin
 
 
 def graded_ndcg(predicted, true, item_ids, k=3):
@@ -42,7 +46,7 @@ def graded_ndcg(predicted, true, item_ids, k=3):
     return dcg / idcg if idcg > 0 else 0.0
 
 
-class TaskEvaluationMixin:
+class TaskEvaluation(CheckpointSafeMixin):
     """``evaluate`` over ``episodes.TaskDataLoader``s; subclasses define ``predict_task(task)``."""
 
     def predict_task(self, task):
@@ -52,9 +56,7 @@ class TaskEvaluationMixin:
         if not eval_data:
             return None
         if load_best_model:
-            checkpoint = load_checkpoint(model_file or self.saved_model_file, self.device)
-            self.model.load_state_dict(checkpoint["state_dict"])
-            self.model.load_other_parameter(checkpoint.get("other_parameter"))
+            self._load_best_into_model(model_file)
         self.model.eval()
         k = int(self.config["meta_ndcg_k"] or 3)
         struct, ndcgs = DataStruct(), []
@@ -70,7 +72,7 @@ class TaskEvaluationMixin:
         return OrderedDict(result)
 
 
-class MetaLLMRecTrainer(TaskEvaluationMixin, Trainer):
+class EpisodicTrainer(TaskEvaluation, Trainer):
     def predict_task(self, task):
         return self.model.adapt_and_predict(task)
 
@@ -94,7 +96,7 @@ class MetaLLMRecTrainer(TaskEvaluationMixin, Trainer):
         return float(np.mean(losses)) if losses else math.nan
 
 
-class RatingBaselineTrainer(TaskEvaluationMixin, Trainer):
+class RatingBaselineTrainer(TaskEvaluation, Trainer):
     """RecBole's usual pointwise training for a non-meta model; tasks are evaluated without
     adaptation: the query ratings are ``rating_min + (rating_max - rating_min) * model.predict``
     for a model trained on ratings min-max scaled to [0, 1] (e.g. RecBole's WideDeep with its
@@ -112,47 +114,3 @@ class RatingBaselineTrainer(TaskEvaluationMixin, Trainer):
             scaled = self.model.predict(interaction)
         return self.rating_min + (self.rating_max - self.rating_min) * scaled
 
-
-def run_rating_baseline(model="WideDeep", dataset="ml-100k", config_dict=None, config_file_list=None,
-                        include_support=True, saved=True):
-    """Train a RecBole rating model (default WideDeep) on the episodic split and evaluate it on
-    the same validation, test and scenario tasks as MetaLLMRec / MeLU (no local adaptation).
-
-    ``include_support``: the model is trained on the support sets of the evaluation tasks too
-    (see ``MetaLLMRecDataset.rating_baseline_data``). Returns the ``objective_function`` dict.
-    """
-    import os
-
-    from recbole.data.dataloader import TrainDataLoader
-    from recbole.utils import init_seed
-
-    from recbole_llm.config import Config
-    from recbole_llm.data.dataset import MetaLLMRecDataset
-    from recbole_llm.llm.models import set_threads
-    from recbole_llm.trainer.checkpoint import checkpoint_safe
-    from recbole_llm.utils import get_model
-
-    defaults = {"normalize_all": False, "normalize_field": None, "metrics": ["MAE"], "valid_metric": "MAE",
-                "train_neg_sample_args": None, "meta_ndcg_k": 3, "threshold": None,
-                "eval_args": {"split": {"RS": [0.8, 0.1, 0.1]}, "order": "RO", "group_by": None, "mode": "labeled"}}
-    config = Config(model=model, dataset=dataset, config_file_list=config_file_list,
-                    config_dict={**defaults, **(config_dict or {})})
-    init_seed(config["seed"], config["reproducibility"])
-    set_threads(config["torch_threads"])
-    data = MetaLLMRecDataset(config)
-    _, valid, test = data.prepare_dataloaders(config)
-    train_data = data.rating_baseline_data(include_support)
-    train = TrainDataLoader(config, train_data, None, shuffle=True)
-    init_seed(config["seed"], config["reproducibility"])
-    model_obj = get_model(config["model"])(config, train_data).to(config["device"])
-    trainer = checkpoint_safe(RatingBaselineTrainer)(config, model_obj, data, data.rating_range())
-    best_score, best_result = trainer.fit(train, valid, verbose=False, saved=saved)
-    test, groups = data.evaluation_loaders(config, test)
-    result = {
-        "model": config["model"], "best_valid_score": best_score, "valid_score_bigger": config["valid_metric_bigger"],
-        "best_valid_result": best_result, "test_result": trainer.evaluate(test, load_best_model=saved),
-        "group_results": {name: trainer.evaluate(loader, load_best_model=False) for name, loader in groups.items()},
-    }
-    if saved and os.path.exists(trainer.saved_model_file):
-        os.remove(trainer.saved_model_file)
-    return result

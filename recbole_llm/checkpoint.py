@@ -1,13 +1,15 @@
-"""Checkpoint loading that works on torch >= 2.6 for every RecBole trainer.
+"""Checkpoints: the one place that reads them, puts them into a model and writes them safely.
 
 RecBole checkpoints pickle the whole ``Config``; ``torch.load`` now defaults to
 ``weights_only=True`` and refuses them, so ``evaluate(load_best_model=True)`` and
 ``resume_checkpoint`` crash. Our checkpoints are our own files, so we load them with
-``weights_only=False``. The fix is a mixin applied to any trainer class, RecBole's included.
+``weights_only=False``. The fix is a mixin: the plugin's trainers inherit it and
+``checkpoint_safe`` applies it to any other trainer class, RecBole's included.
 """
 import os
 
 import torch
+from recbole.trainer import DecisionTreeTrainer
 
 _SAFE_CLASSES = {}
 
@@ -22,12 +24,17 @@ def load_checkpoint(path, map_location="cpu"):
         raise RuntimeError(f"cannot read checkpoint {path}: {error}") from error
 
 
+def load_into_model(model, checkpoint):
+    """Put a loaded checkpoint's weights (and RecBole's ``other_parameter``) into ``model``."""
+    model.load_state_dict(checkpoint["state_dict"])
+    model.load_other_parameter(checkpoint.get("other_parameter"))
+    return model
+
+
 class CheckpointSafeMixin:
     def _load_best_into_model(self, model_file):
         checkpoint_file = model_file or self.saved_model_file
-        checkpoint = load_checkpoint(checkpoint_file, self.device)
-        self.model.load_state_dict(checkpoint["state_dict"])
-        self.model.load_other_parameter(checkpoint.get("other_parameter"))
+        load_into_model(self.model, load_checkpoint(checkpoint_file, self.device))
         self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
@@ -68,8 +75,6 @@ def checkpoint_safe(trainer_class):
 
     Decision-tree trainers (xgboost/lightgbm) keep their own file formats and are returned as is.
     """
-    from recbole.trainer import DecisionTreeTrainer
-
     if issubclass(trainer_class, (CheckpointSafeMixin, DecisionTreeTrainer)):
         return trainer_class
     if trainer_class not in _SAFE_CLASSES:

@@ -1,0 +1,31 @@
+"""SupportMedian: the no-learning reference of the episodic scenarios.
+
+Every query rating of a task is predicted as the median of the task's support ratings (torch's
+median: the lower middle value for an even count), i.e. a per-user rating offset and nothing else.
+A model with no parameters runs through the same trainer and evaluator as MetaLLMRec and MeLU
+with a fake loss, as RecBole's ``Pop`` does; ``epochs: 1`` (``properties/model/SupportMedian.yaml``).
+Its graded nDCG@3 ranks constant predictions, so it measures the evaluator's tie-breaking.
+"""
+import torch
+
+from recbole_llm.model.episodic import EpisodicRecommender
+
+
+class SupportMedian(EpisodicRecommender):
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.fake_loss = torch.nn.Parameter(torch.zeros(1))
+
+    def calculate_loss(self, task):
+        return self.fake_loss.sum()
+
+    def adapt_and_predict(self, task):
+        median = float(task.support_ratings.median())
+        return torch.full((len(task.query_items),), median, device=self.device)
+
+    def predict(self, interaction):
+        """Without a support set: the mean meta-training rating for every pair."""
+        return torch.full((len(interaction),), self.rating_mean, device=self.device)
+
+    def full_sort_predict(self, interaction):
+        return torch.full((len(interaction) * self.n_items,), self.rating_mean, device=self.device)
