@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DATA_DIR, ML_TINY_YAML, tiny_config
+from conftest import DATA_DIR, ML_TINY_YAML, TINY_ALLMREC, tiny_config
 from recbole_llm.config import Config
 from recbole_llm.llm.models import load_causal_lm
 from recbole_llm.llm.scoring import score_continuations, target_token_loss
@@ -14,12 +14,10 @@ from recbole_llm.checkpoint import CheckpointSafeMixin, load_checkpoint
 from recbole_llm.model import allmrec as allmrec_module
 from recbole_llm.model.backbone import fit_sequences
 from recbole_llm.quick_start import build_model, prepare, resolve_prerequisites
-from recbole_llm.utils import get_trainer
+from recbole_llm.utils import create_dataset, data_preparation, get_trainer
 
-TINY_SASREC = {"model": "SASRec", "epochs": 1, "hidden_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 1}
-FAST = {"latent_dim": 16, "history_len": 3, "stage1_epochs": 2, "stage2_epochs": 1, "stage2_max_samples": 4,
-        "stage2_batch_size": 2, "sbert_finetune": "frozen", "eval_max_users": 4, "torch_threads": 1,
-        "cold_user_args": None, "eval_item_groups": None}
+TINY_SASREC = TINY_ALLMREC["backbone_args"]
+FAST = {k: v for k, v in TINY_ALLMREC.items() if k != "backbone_args"}
 
 
 @pytest.fixture(scope="session")
@@ -149,6 +147,22 @@ def test_interrupted_backbone_training_is_not_reused(tmp_path, monkeypatch):
     resolve_prerequisites(config)
     path = config["backbone_checkpoint"]
     assert path.endswith(".pth") and load_checkpoint(path)["config"]["model"] == "SASRec"
+
+
+def test_the_model_only_loads_its_backbone_the_quick_start_trains_it(shared_cache):
+    config = Config(model="ALLMRec", config_file_list=[ML_TINY_YAML],
+                    config_dict=tiny_config(**FAST, backbone_args=TINY_SASREC, cache_dir=shared_cache))
+    assert config["backbone_checkpoint"] is None
+    data = create_dataset(config)
+    train_data = data_preparation(config, data)[0]
+    with pytest.raises(ValueError, match="backbone_checkpoint is not set.*resolve_prerequisites"):
+        build_model(config, train_data)
+    resolve_prerequisites(config)
+    assert config["backbone_checkpoint"].endswith(".pth")
+    assert build_model(config, train_data).backbone is not None
+    no_args = Config(model="ALLMRec", config_file_list=[ML_TINY_YAML], config_dict=tiny_config(**FAST, backbone_args=None))
+    with pytest.raises(ValueError, match="backbone_checkpoint to a RecBole checkpoint.*or backbone_args"):
+        resolve_prerequisites(no_args)
 
 
 def test_general_backbone_gives_user_token(shared_cache):

@@ -32,6 +32,32 @@ def test_command_line_overrides_files_and_dict(monkeypatch, tmp_path):
     assert config["learning_rate"] == 0.5
 
 
+def test_config_for_a_run_the_plugin_starts_ignores_the_command_line(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["prog", "--learning_rate=0.5", "--seeds", "0", "1"])
+    assert Config(model="BPR", dataset="ml-100k")["learning_rate"] == 0.5
+    assert Config(model="BPR", dataset="ml-100k", command_line=False)["learning_rate"] == 0.001
+
+
+def test_plugin_trainers_and_datasets_follow_the_model_lineage():
+    from recbole_llm.data.dataset import EpisodicDataset, SequentialDataset
+    from recbole_llm.trainer import ALLMRecTrainer, EpisodicTrainer
+    from recbole_llm.utils import dataset_class
+
+    for model, trainer in (("ALLMRec", ALLMRecTrainer), ("TALLRec", ALLMRecTrainer), ("MeLU", EpisodicTrainer),
+                           ("MetaLLMRec", EpisodicTrainer), ("SupportMedian", EpisodicTrainer)):
+        assert get_trainer(get_model(model).type, model) is trainer
+    assert dataset_class(Config(model="MeLU", dataset="ml-100k")) is EpisodicDataset
+    assert dataset_class(Config(model="TALLRec", dataset="ml-100k")) is SequentialDataset
+
+
+def test_meta_family_shares_its_yaml():
+    melu, metallmrec = Config(model="MeLU", dataset="ml-100k"), Config(model="MetaLLMRec", dataset="ml-100k")
+    for key in ("local_lr", "learning_rate", "metrics", "eval_args", "clip_grad_norm", "train_batch_size"):
+        assert melu[key] == metallmrec[key] is not None, key
+    assert (melu["local_update"], metallmrec["local_update"]) == (1, 5)
+    assert Config(model="SupportMedian", dataset="ml-100k")["metrics"] == ["MAE"]
+
+
 def test_model_yaml_beats_dataset_yaml(monkeypatch, tmp_path):
     import recbole_llm.config as config_module
 

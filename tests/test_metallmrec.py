@@ -7,19 +7,11 @@ import torch
 
 from recbole_llm.config import Config
 from recbole_llm.data.episodes import SCENARIOS, TEST, TRAIN, VALID
-from recbole_llm.quick_start import objective_function
 from recbole_llm.trainer.episodic import graded_ndcg
 from recbole_llm.utils import create_dataset, data_preparation, get_model, get_trainer
-from tests.conftest import ML_TINY_YAML, tiny_config
+from tests.conftest import ML_TINY_YAML, TINY_META, tiny_config
 
-META_KEYS = dict(
-    meta_user_fields=["age", "gender", "occupation"],
-    meta_item_fields=["release_year", "class"],
-    meta_args={"query_num": 10, "min_inter": 13, "max_inter": 100, "valid_test_ratio": [0.2, 0.2]},
-    meta_scenario_args={"item_cold_by": "year", "item_year_field": "release_year",
-                        "item_cold_from_year": 1996, "user_cold_ratio": 0.3},
-    torch_threads=1, epochs=1, train_batch_size=4, proj_dim=8, embedding_size=8, mlp_hidden_size=[16, 16],
-)
+META_KEYS = TINY_META
 
 
 def build(model="MetaLLMRec", **overrides):
@@ -136,17 +128,6 @@ def test_output_bias_starts_at_mean_training_rating():
     _, dataset, model, _ = build("MeLU")
     assert model.estimator[-1].bias.item() == pytest.approx(dataset.train_rating_mean())
     assert 3.0 < dataset.train_rating_mean() < 4.5
-
-
-@pytest.mark.parametrize("model_name", ["MetaLLMRec", "MeLU"])
-def test_objective_function_runs_all_scenarios(model_name):
-    config = tiny_config(model=model_name, **{**META_KEYS, "epochs": 2})
-    result = objective_function(config_dict=config, config_file_list=[ML_TINY_YAML])
-    assert set(result["group_results"]) == set(SCENARIOS)
-    for values in result["group_results"].values():
-        assert set(values) == {"mae", "ndcg@3"} and math.isfinite(values["mae"])
-    assert result["group_results"]["warm_user_warm_item"] == result["test_result"]
-    assert result["valid_score_bigger"] is False
 
 
 def test_bad_scenario_key_is_named():

@@ -1,0 +1,77 @@
+"""Every plugin model through ``objective_function`` on tiny data (RecBole's quick_test pattern):
+the five keys RecBole's HyperTuning reads, finite metrics, the model's evaluation groups, and no
+checkpoint left behind."""
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ML_TINY_YAML, TINY_ALLMREC, TINY_META, TINY_SASREC, tiny_config
+from recbole_llm.config import Config
+from recbole_llm.data.episodes import SCENARIOS
+from recbole_llm.quick_start import objective_function
+from recbole_llm.utils import create_dataset, plugin_model_names
+
+RESULT_KEYS = {"model", "best_valid_score", "valid_score_bigger", "best_valid_result", "test_result", "group_results"}
+AUGBPR = {"model": "AugBPR", "aug_users_per_item": 2, "judge_eval_pairs": 20}
+MODELS = {
+    "ALLMRec": {"model": "ALLMRec", **TINY_ALLMREC},
+    "TALLRec": {"model": "TALLRec", **TINY_ALLMREC, "stage2_max_samples": 2},
+    "AugBPR-BPR": {**AUGBPR, "base_model": "BPR"},
+    "AugBPR-SASRec": {**AUGBPR, "base_model": "SASRec", **TINY_SASREC},
+    "MetaLLMRec": {"model": "MetaLLMRec", **TINY_META, "epochs": 2},
+    "MeLU": {"model": "MeLU", **TINY_META, "epochs": 2},
+    "SupportMedian": {"model": "SupportMedian", **TINY_META},
+}
+
+
+def quick_test(settings):
+    result = objective_function(tiny_config(**settings), [ML_TINY_YAML])
+    assert RESULT_KEYS <= set(result)
+    for values in [result["test_result"], *result["group_results"].values()]:
+        assert values and all(math.isfinite(v) for v in values.values())
+    assert not list(Path("saved").glob("*.pth")), "a tuning trial must not leave its checkpoint behind"
+    return result
+
+
+def test_every_plugin_model_is_tested_here():
+    tested = {settings["model"] for settings in MODELS.values()}
+    assert set(plugin_model_names()) == tested
+
+
+@pytest.mark.parametrize("name", ["ALLMRec", "TALLRec"])
+def test_llm_rankers(name):
+    result = quick_test(MODELS[name])
+    assert set(result["test_result"]) >= {"hit@1", "ndcg@10"}
+    assert 0 <= result["test_result"]["hit@1"] <= 1
+
+
+@pytest.mark.parametrize("name", ["AugBPR-BPR", "AugBPR-SASRec"])
+def test_augbpr(name):
+    result = quick_test(MODELS[name])
+    assert {"cold_start_items", "cold_start_items@cold", "warm_start_items"} <= set(result["group_results"])
+    assert "recall@50" in result["group_results"]["cold_start_items@cold"]
+    assert set(result["valid_group_results"]) == set(result["group_results"])
+    judging = result["extra_results"]["judging"]
+    assert judging["pairs"] == judging["kept"] + judging["dropped"] > 0
+    accuracy = result["extra_results"]["judge_accuracy"]
+    assert 0 <= accuracy["accuracy"] <= 1 and accuracy["chance"] == 0.5 and accuracy["pairs"] > 0
+
+
+@pytest.mark.parametrize("name", ["MetaLLMRec", "MeLU", "SupportMedian"])
+def test_episodic_models(name):
+    result = quick_test(MODELS[name])
+    assert set(result["group_results"]) == set(SCENARIOS)
+    for values in result["group_results"].values():
+        assert set(values) == {"mae", "ndcg@3"}
+    assert result["group_results"]["warm_user_warm_item"] == result["test_result"]
+    assert result["valid_score_bigger"] is False
+
+
+def test_support_median_predicts_each_users_support_median():
+    result = quick_test(MODELS["SupportMedian"])
+    episodes = create_dataset(Config(config_file_list=[ML_TINY_YAML], config_dict=tiny_config(**MODELS["SupportMedian"]))).episodes
+    for scenario in SCENARIOS:
+        errors = np.concatenate([(t.query_ratings - t.support_ratings.median()).abs().numpy() for t in episodes[scenario]])
+        assert result["group_results"][scenario]["mae"] == pytest.approx(errors.mean(), abs=1e-4)
