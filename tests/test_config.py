@@ -1,4 +1,5 @@
 """Config layering, plugin-first resolution and clear errors for bad names."""
+import subprocess
 import sys
 
 import pytest
@@ -112,3 +113,17 @@ def test_user_data_path_wins_over_shipped_copy(tmp_path):
 def test_tiny_fixture_config_loads():
     config = Config(model="SASRec", config_file_list=[ML_TINY_YAML], config_dict=tiny_config())
     assert config["dataset"] == "ml-tiny" and config["eval_args"]["order"] == "TO"
+
+
+def test_resolving_recbole_models_leaves_autograd_anomaly_mode_as_it_was():
+    # RecBole's sine.py turns anomaly detection on when its sequential models are imported; a
+    # fresh process shows both RecBole's side effect (the control) and that get_model undoes it.
+    def anomaly_after(code):
+        out = subprocess.run([sys.executable, "-c", f"{code}; import torch; print(torch.is_anomaly_enabled())"],
+                             capture_output=True, text=True, check=True)
+        return out.stdout.split()[-1]
+
+    assert anomaly_after("import recbole.model.sequential_recommender") == "True"
+    assert anomaly_after("from recbole_llm.utils import get_model; get_model('SASRec')") == "False"
+    assert anomaly_after("import torch; torch.autograd.set_detect_anomaly(True); "
+                         "from recbole_llm.utils import get_model; get_model('SASRec')") == "True"

@@ -19,7 +19,7 @@ from recbole.trainer import Trainer
 from recbole.utils import set_color
 from tqdm import tqdm
 
-from recbole_llm.checkpoint import CheckpointSafeMixin, load_checkpoint
+from recbole_llm.checkpoint import CheckpointSafeMixin, load_checkpoint, load_into_model
 from recbole_llm.data.scenarios import limit_users
 
 
@@ -151,6 +151,6 @@ class ALLMRecTrainer(CheckpointSafeMixin, Trainer):
         self.saved_model_file = str(resume_file)
         self.start_epoch = checkpoint["epoch"] + 1
         self.cur_step = checkpoint["cur_step"]
-        self.model.load_state_dict(checkpoint["state_dict"])
+        load_into_model(self.model, checkpoint)
         self._resumed_optimizer = checkpoint["optimizer"]
         self.logger.info(f"ALLMRec: resuming from {resume_file} at epoch {self.start_epoch} of {len(self.plan)}")
