@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import DATA_DIR, ML_TINY_YAML, TINY_ALLMREC, tiny_config
 from recbole_llm.config import Config
 from recbole_llm.llm.models import load_causal_lm
-from recbole_llm.llm.scoring import score_continuations, target_token_loss
+from recbole_llm.llm.scoring import branch_log_likelihoods, score_branches, score_continuations, target_token_loss
 from recbole_llm.checkpoint import CheckpointSafeMixin, load_checkpoint
 from recbole_llm.model import allmrec as allmrec_module
 from recbole_llm.model.backbone import fit_sequences
@@ -58,6 +58,27 @@ def test_cached_scoring_equals_full_forward():
     assert loss.item() == pytest.approx(expected.item(), abs=1e-4)
 
 
+def test_one_pass_branch_scoring_equals_cached_scoring_for_several_prompts():
+    llm, tokenizer = load_causal_lm("tiny-random-llama", dtype="float32")
+    embed = llm.get_input_embeddings()
+    torch.manual_seed(0)
+    prompts = [(embed(torch.randint(5, 200, (n,))) + 0.05 * torch.randn(n, 32)).detach() for n in (30, 41, 23)]
+    branches = [[torch.randint(5, 200, (int(k),)).tolist() for k in torch.randint(1, 8, (m,))] for m in (5, 7, 1)]
+    batched = score_branches(llm, prompts, branches)  # three prompts of different lengths in one batch
+    for prompt, continuations, scores in zip(prompts, branches, batched):
+        cached = score_continuations(llm, prompt, continuations, batch_size=3)
+        assert torch.allclose(scores, cached, atol=1e-4)
+        mean = score_branches(llm, [prompt], [continuations], reduction="mean")[0]
+        assert torch.allclose(mean, cached / torch.tensor([len(c) for c in continuations]), atol=1e-4)
+    # with gradients: the target branch's mean negative log-likelihood is the training loss
+    prompt = prompts[0].clone().requires_grad_(True)
+    per_token = branch_log_likelihoods(llm, [prompt], [branches[0]])[0]
+    loss = -per_token[2].mean()
+    assert loss.item() == pytest.approx(target_token_loss(llm, [prompt], [branches[0][2]]).item(), abs=1e-4)
+    loss.backward()
+    assert prompt.grad.abs().sum() > 0
+
+
 def test_fit_sequences_keeps_the_most_recent_items():
     seq = torch.tensor([[1, 2, 3, 4, 0], [5, 6, 0, 0, 0]])
     out, lengths = fit_sequences(seq, torch.tensor([4, 2]), 3)
@@ -79,10 +100,10 @@ def test_tiny_allmrec_trains_both_stages_with_decreasing_losses(shared_cache):
 def test_position_only_scorer_gets_chance_hit_at_1(shared_cache, monkeypatch):
     config, model, trainer, _, test_data = _setup(shared_cache, eval_max_users=None)
 
-    def by_position(llm, prompt, continuations, *args, **kwargs):
-        return -torch.arange(len(continuations), dtype=torch.float)  # first shown candidate wins
+    def by_position(llm, prompts, continuations, *args, **kwargs):  # first shown candidate wins
+        return [-torch.arange(len(c), dtype=torch.float) for c in continuations]
 
-    monkeypatch.setattr(allmrec_module, "score_continuations", by_position)
+    monkeypatch.setattr(allmrec_module, "score_branches", by_position)
     result = trainer.evaluate(test_data, load_best_model=False)
     users = len(set(test_data._dataset.inter_feat["user_id"].tolist()))
     assert users >= 40
@@ -91,6 +112,16 @@ def test_position_only_scorer_gets_chance_hit_at_1(shared_cache, monkeypatch):
     first = sum(int(model.candidate_order(user, 20)[0] == 0) for user in range(4000)) / 4000
     assert abs(first - 0.05) < 0.015
     assert torch.equal(model.candidate_order(7, 20), model.candidate_order(7, 20))
+
+
+def test_score_methods_agree_inside_the_model(shared_cache):
+    config, model, _, _, test_data = _setup(shared_cache)
+    batch = next(iter(test_data))[0]
+    branches = model.predict(batch)
+    model.score_method, model.score_users_per_pass = "branches", 3
+    assert torch.allclose(model.predict(batch), branches, atol=1e-4)
+    model.score_method = "kv_cache"
+    assert torch.allclose(model.predict(batch), branches, atol=1e-4)
 
 
 def test_checkpoint_holds_only_trainable_weights_and_round_trips(shared_cache):

@@ -116,3 +116,81 @@ def target_token_loss(llm, prompt_embeds, targets):
         predicted = logits[b, keep - n - 1: keep - 1]
         losses.append(F.cross_entropy(predicted, torch.as_tensor(target, device=device), reduction="sum"))
     return torch.stack(losses).sum() / sum(target_lengths)
+
+
+def _branch_layout(prompt_length, branch_lengths):
+    """Segment id (0 = prompt, k + 1 = branch k) and position id of every token of one row made
+    of a prompt followed by its continuations laid side by side."""
+    segments = [0] * prompt_length
+    positions = list(range(prompt_length))
+    for k, length in enumerate(branch_lengths):
+        segments += [k + 1] * length
+        positions += range(prompt_length, prompt_length + length)
+    return segments, positions
+
+
+def branch_log_likelihoods(llm, prompt_embeds, continuations):
+    """Token log-likelihoods of every continuation of every prompt, in ONE forward pass.
+
+    ``prompt_embeds``: list of ``[P_b, H]`` prompts (soft tokens allowed; gradients flow back);
+    ``continuations``: per prompt, a list of non-empty token-id lists. Each batch row is a prompt
+    followed by all of its continuations side by side ("branches"). A block attention mask lets a
+    branch see the whole prompt and its own earlier tokens, never another branch, and its position
+    ids continue the prompt's, so each branch is scored exactly as if it were the only
+    continuation, while the prompt is computed once and every matmul sees all branches' rows.
+    Returns, per prompt, a list of 1-D float32 tensors (one log-probability per token).
+    """
+    embed = llm.get_input_embeddings()
+    device, dtype = embed.weight.device, embed.weight.dtype
+    rows, segments, positions, branch_spans = [], [], [], []
+    for prompt, branches in zip(prompt_embeds, continuations):
+        if not branches or any(len(c) == 0 for c in branches):
+            raise ValueError("every prompt needs continuations of at least one token each")
+        ids = torch.as_tensor([t for c in branches for t in c], dtype=torch.long, device=device)
+        rows.append(torch.cat([prompt.to(dtype), embed(ids)]))
+        seg, pos = _branch_layout(len(prompt), [len(c) for c in branches])
+        segments.append(torch.tensor(seg, device=device))
+        positions.append(torch.tensor(pos, device=device))
+        branch_spans.append((len(prompt), [len(c) for c in branches]))
+    inputs, attention, _ = left_pad(rows)
+    segment, _, _ = left_pad(segments, pad_value=-1)
+    position, _, _ = left_pad(positions, pad_value=0)
+    width = inputs.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    same_or_prompt = (segment.unsqueeze(1) == segment.unsqueeze(2)) | (segment.unsqueeze(1) == 0)
+    allowed = causal & same_or_prompt & attention.bool().unsqueeze(1)
+    allowed |= torch.eye(width, dtype=torch.bool, device=device)  # padding rows attend to themselves
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    keep = max(sum(lengths) for _, lengths in branch_spans) + 1  # the last prompt token and every branch token
+    logits = llm(inputs_embeds=inputs, attention_mask=mask.unsqueeze(1), position_ids=position,
+                 logits_to_keep=keep).logits.float()
+    out = []
+    for b, (prompt_length, lengths) in enumerate(branch_spans):
+        start = keep - sum(lengths)  # column of the first branch token in the kept window
+        targets = torch.as_tensor([t for c in continuations[b] for t in c], dtype=torch.long, device=device)
+        # each token is predicted by its predecessor in its own branch; a branch's first token by
+        # the prompt's last token (column start - 1)
+        predictor, column = [], start
+        for length in lengths:
+            predictor += [start - 1] + list(range(column, column + length - 1))
+            column += length
+        row_logits = logits[b, predictor]
+        token_logp = row_logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - row_logits.logsumexp(-1)
+        out.append(list(token_logp.split(lengths)))
+    return out
+
+
+@torch.no_grad()
+def score_branches(llm, prompt_embeds, continuations, reduction="sum"):
+    """``score_continuations`` for several prompts at once, each in one pass (``branch_log_likelihoods``).
+
+    Returns, per prompt, a float32 tensor with one score per continuation.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    scores = []
+    for per_token in branch_log_likelihoods(llm, prompt_embeds, continuations):
+        totals = torch.stack([t.sum() for t in per_token])
+        lengths = torch.tensor([len(t) for t in per_token], dtype=torch.float32, device=totals.device)
+        scores.append(totals / lengths if reduction == "mean" else totals)
+    return scores

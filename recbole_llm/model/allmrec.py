@@ -19,7 +19,8 @@
   target title's tokens only.
 * Scores: ``predict`` builds one prompt per user from that user's candidate rows (RecBole's
   ``uni19`` gives 1 positive + 19 negatives) in a seeded shuffled order and returns the LLM
-  log-likelihood of each candidate's quoted title (``recbole_llm.llm.scoring``).
+  log-likelihood of each candidate's quoted title (``recbole_llm.llm.scoring``; all candidates of
+  a user in one forward pass by default, ``score_method``).
   ``full_sort_predict`` reranks the backbone's top ``rerank_top_n`` items with the LLM.
 * Items with fewer than ``cold_item_threshold`` training interactions use q_i = f_T(SBERT(text))
   instead of e_i = f_I(E_i) (the paper's A-LLMRec (SBERT)); ``item_embedding_source: text`` uses
@@ -39,11 +40,12 @@ from recbole.utils import InputType
 
 from recbole_llm.data.history import user_histories
 from recbole_llm.llm import models
-from recbole_llm.llm.scoring import score_continuations, target_token_loss
+from recbole_llm.llm.scoring import score_branches, score_continuations, target_token_loss
 from recbole_llm.model.backbone import backbone_run, load_backbone
 
 FINETUNE = ("full", "last", "frozen")
 ITEM_SOURCES = ("joint", "text")
+SCORE_METHODS = ("branches", "kv_cache")
 
 
 def _mlp_projector(in_dim, out_dim, activation):
@@ -74,6 +76,10 @@ class ALLMRec(SequentialRecommender):
         self.num_candidates = int(config["num_candidates"])
         self.score_reduction = config["score_reduction"]
         self.score_batch_size = int(config["score_batch_size"])
+        self.score_method = config["score_method"] or "branches"
+        if self.score_method not in SCORE_METHODS:
+            raise ValueError(f"score_method must be one of {SCORE_METHODS}, got {self.score_method!r}")
+        self.score_users_per_pass = int(config["score_users_per_pass"] or 1)
         self.rerank_top_n = int(config["rerank_top_n"])
         self.weights = {k: float(config[f"{k}_weight"]) for k in ("match", "item_recon", "text_recon", "rec")}
         self.match_norm = config["match_norm"] or "none"
@@ -384,16 +390,35 @@ class ALLMRec(SequentialRecommender):
     # -- scores -----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def rank_candidates(self, user, user_vector, history, candidates):
-        """LLM score of each candidate (aligned with ``candidates``), shown in a seeded order."""
-        order = self.candidate_order(user, len(candidates))
-        shown = candidates[order]
-        prompt = self.prompt_embeddings(user_vector, history, shown)
-        scores = score_continuations(
-            self.llm, prompt, [self._target_ids(int(i)) for i in shown], self.score_reduction,
-            self.score_batch_size, pad_id=self.tokenizer.pad_token_id or 0)
-        out = torch.empty(len(candidates), device=self.device)
-        out[order] = scores.to(self.device)
+    def rank_candidates(self, requests):
+        """LLM scores of each request's candidates (aligned with its ``candidates``), each shown to
+        the LLM in a seeded order. ``requests``: ``(user, user vector, history, candidates)`` tuples.
+
+        ``score_method: branches`` scores all candidates of ``score_users_per_pass`` users in one
+        forward pass (``scoring.score_branches``); ``kv_cache`` runs each prompt once and its
+        candidates in batches of ``score_batch_size`` over copies of its KV cache. Same scores.
+        """
+        orders, prompts, targets = [], [], []
+        for user, vector, history, candidates in requests:
+            order = self.candidate_order(user, len(candidates))
+            shown = candidates[order]
+            orders.append(order)
+            prompts.append(self.prompt_embeddings(vector, history, shown))
+            targets.append([self._target_ids(int(i)) for i in shown])
+        if self.score_method == "kv_cache":
+            scores = [score_continuations(self.llm, prompt, target, self.score_reduction, self.score_batch_size,
+                                          pad_id=self.tokenizer.pad_token_id or 0)
+                      for prompt, target in zip(prompts, targets)]
+        else:
+            n = self.score_users_per_pass
+            scores = [score for start in range(0, len(prompts), n)
+                      for score in score_branches(self.llm, prompts[start:start + n], targets[start:start + n],
+                                                  self.score_reduction)]
+        out = []
+        for order, score in zip(orders, scores):
+            aligned = torch.empty(len(order), device=self.device)
+            aligned[order] = score.to(self.device)
+            out.append(aligned)
         return out
 
     @torch.no_grad()
@@ -401,12 +426,16 @@ class ALLMRec(SequentialRecommender):
         users = interaction[self.USER_ID]
         items = interaction[self.ITEM_ID]
         user_vectors = self._user_vectors(interaction) if self.use_user_token else None
-        scores = torch.empty(len(items), device=self.device)
+        requests, row_sets = [], []
         for user in dict.fromkeys(users.tolist()):
             rows = (users == user).nonzero(as_tuple=True)[0]
             first = int(rows[0])
             vector = user_vectors[first] if user_vectors is not None else None
-            scores[rows] = self.rank_candidates(user, vector, self._history(interaction, first), items[rows])
+            requests.append((user, vector, self._history(interaction, first), items[rows]))
+            row_sets.append(rows)
+        scores = torch.empty(len(items), device=self.device)
+        for rows, user_scores in zip(row_sets, self.rank_candidates(requests)):
+            scores[rows] = user_scores
         return scores
 
     @torch.no_grad()
@@ -418,7 +447,8 @@ class ALLMRec(SequentialRecommender):
         out = base - (base[torch.isfinite(base)].max() - base[torch.isfinite(base)].min() + 1e6)
         user_vectors = self._user_vectors(interaction) if self.use_user_token else None
         users = interaction[self.USER_ID]
-        for row in range(len(interaction)):
-            vector = user_vectors[row] if user_vectors is not None else None
-            out[row, top[row]] = self.rank_candidates(int(users[row]), vector, self._history(interaction, row), top[row])
+        requests = [(int(users[row]), user_vectors[row] if user_vectors is not None else None,
+                     self._history(interaction, row), top[row]) for row in range(len(interaction))]
+        for row, scores in enumerate(self.rank_candidates(requests)):
+            out[row, top[row]] = scores
         return out
