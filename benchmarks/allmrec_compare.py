@@ -6,7 +6,7 @@ caches (content-keyed), so all variants share it. Before each evaluation the glo
 so RecBole's uni19 sampler draws the same 19 negatives for every variant. Each finished variant is
 stored as JSON under ``--runs`` (skipped when run again); ``--table`` writes the markdown table.
 
-    nice -n 10 python benchmarks/allmrec_compare.py --dataset=ml-100k \\
+    nice -n 10 python -m benchmarks.allmrec_compare --dataset=ml-100k \\
         --variants SASRec LLM-Only ALLMRec TALLRec --table results/allmrec_ml100k.md
 
 Variants (config overrides of ALLMRec or TALLRec) are in ``VARIANTS``; ``--set key=value`` (yaml
@@ -22,19 +22,14 @@ from pathlib import Path
 
 import yaml
 
+from recbole.utils import init_logger, init_seed
+
+from benchmarks.common import parse_sets, write_report
+from recbole_llm.config import Config
+from recbole_llm.quick_start import build_model, evaluation_loaders, load_model, prepare
+from recbole_llm.utils import get_trainer
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from recbole.trainer import Trainer  # noqa: E402
-from recbole.utils import init_logger, init_seed  # noqa: E402
-
-from common import parse_sets, write_report  # noqa: E402
-from recbole_llm.config import Config  # noqa: E402
-from recbole_llm.model.allmrec import load_backbone  # noqa: E402
-from recbole_llm.quick_start import _build_model, _evaluation_loaders, _prepare  # noqa: E402
-from recbole_llm.trainer.checkpoint import checkpoint_safe  # noqa: E402
-from recbole_llm.utils import get_trainer  # noqa: E402
 
 # name -> (model, overrides, what it is)
 VARIANTS = {
@@ -69,18 +64,18 @@ def evaluate_groups(config, trainer, test_data, groups, only=None):
 
 def run_variant(name, dataset, settings, only_groups=None):
     model_name, overrides, _ = VARIANTS[name]
-    config = Config(model=model_name, dataset=dataset, config_dict={**settings, **overrides})
+    config = Config(model=model_name, dataset=dataset, config_dict={**settings, **overrides}, command_line=False)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
-    data, train_data, valid_data, test_data = _prepare(config)
-    test_data, groups = _evaluation_loaders(config, data, test_data)
+    data, train_data, valid_data, test_data = prepare(config)
+    test_data, groups = evaluation_loaders(config, data, test_data)
     record = {"variant": name, "model": model_name, "overrides": overrides, "settings": settings}
     began = time.time()
     if name == "SASRec":
-        backbone = load_backbone(config, train_data._dataset).model
-        trainer = checkpoint_safe(Trainer)(config, backbone)
+        backbone = load_model(config["backbone_checkpoint"], train_data._dataset).eval()
+        trainer = get_trainer(backbone.type, type(backbone).__name__)(config, backbone)
     else:
-        model = _build_model(config, train_data)
+        model = build_model(config, train_data)
         record["build_seconds"] = round(time.time() - began, 1)
         trainer = get_trainer(config["MODEL_TYPE"], model_name)(config, model)
         trainer.fit(train_data, None, saved=False, show_progress=False)
@@ -134,8 +129,7 @@ def main():
     settings.update(parse_sets(args.set))
     runs_dir = Path(args.runs or ROOT / "results" / "allmrec_runs" / args.dataset)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    command = "nice -n 10 python benchmarks/allmrec_compare.py " + " ".join(sys.argv[1:])
-    sys.argv = sys.argv[:1]  # RecBole's Config would read our flags as --key=value
+    command = "nice -n 10 python -m benchmarks.allmrec_compare " + " ".join(sys.argv[1:])
     for name in args.variants:
         path = runs_dir / f"{name}.json"
         if path.exists():

@@ -7,7 +7,7 @@ and the same judged pairs (sampled with ``aug_seed``, judged once and cached und
 from the same initial weights, nothing judged (``tests/test_augbpr.py`` checks that it equals a plain run).
 Finished runs are stored as JSON under ``--runs_dir`` and skipped when the script is run again.
 
-    nice -n 10 python benchmarks/augbpr_benchmark.py --dataset=ml-100k --bases BPR NeuMF SASRec --seeds 0 1 2
+    nice -n 10 python -m benchmarks.augbpr_benchmark --dataset=ml-100k --bases BPR NeuMF SASRec --seeds 0 1 2
 
 ``--set key=value`` (yaml values) overrides every run; ``--set-SASRec key=value`` only that base's.
 """
@@ -15,18 +15,15 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmarks.common import parse_scoped_sets, parse_sets, write_report
+from recbole_llm.quick_start import objective_function
 
-from common import parse_sets, write_report  # noqa: E402
-from recbole_llm.quick_start import objective_function  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # method -> overrides of AugBPR; "-w<weight>" variants sweep aug_weight (the default 0.1 is AugBPR.yaml's)
 METHODS = {"base": {"aug_weight": 0.0}}
@@ -53,7 +50,7 @@ def run_config(base, method, dataset, seed, overrides):
 def run_one(base, method, dataset, seed, overrides):
     config = run_config(base, method, dataset, seed, overrides)
     began = time.time()
-    result = objective_function(config_dict=config)
+    result = objective_function(config_dict=config, command_line=False)
     groups = {"test": result["test_result"], **result["group_results"]}
     return {"base": base, "method": method, "dataset": dataset, "seed": seed, "config": config,
             "seconds": round(time.time() - began, 1),
@@ -188,15 +185,8 @@ def main():
     parser.add_argument("--stored_only", action="store_true",
                         help="write the report from the stored runs only; missing runs are listed, not run")
     args, rest = parser.parse_known_args()
-    per_base = {b: [] for b in BASES}
-    for flag, value in zip(rest[::2], rest[1::2]):
-        if not (flag.startswith("--set-") and flag[6:] in BASES):
-            raise SystemExit(f"unknown argument {flag!r}")
-        per_base[flag[6:]].append(value)
-    if len(rest) % 2:
-        raise SystemExit(f"unknown argument {rest[-1]!r}")
+    per_base = parse_scoped_sets(rest, BASES)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.argv = sys.argv[:1]  # RecBole's Config would read our flags as --key=value
 
     out = Path(args.out or ROOT / "results" / f"augbpr_{args.dataset}.md")
     runs_dir = Path(args.runs_dir or ROOT / "results" / "augbpr_runs" / args.dataset)
@@ -223,7 +213,7 @@ def main():
                 summary = "  ".join(f"{g}: {run['groups'][g]['recall@50']:.4f}" for g in GROUPS if g in run["groups"])
                 print(f"[{base} {method} seed {seed}] {run['seconds']}s  recall@50 {summary}", flush=True)
 
-    command = "nice -n 10 python benchmarks/augbpr_benchmark.py --dataset=" + args.dataset + " --bases " + \
+    command = "nice -n 10 python -m benchmarks.augbpr_benchmark --dataset=" + args.dataset + " --bases " + \
         " ".join(args.bases) + " --methods " + " ".join(args.methods) + " --seeds " + " ".join(map(str, args.seeds))
     text = [
         f"# AugBPR vs its base models on {args.dataset}: cold-start items",

@@ -15,6 +15,20 @@ def parse_sets(pairs):
     return out
 
 
+def parse_scoped_sets(rest, scopes):
+    """``["--set-<scope>", "key=value", ...]`` (the arguments argparse left over) -> ``{scope: [pairs]}``
+    for every scope in ``scopes``; anything else is refused with its name."""
+    scoped = {scope: [] for scope in scopes}
+    flags = iter(rest)
+    for flag in flags:
+        scope = flag[len("--set-"):] if flag.startswith("--set-") else None
+        value = next(flags, None)
+        if scope not in scoped or value is None:
+            raise SystemExit(f"unknown argument {flag!r}; per-scope overrides are --set-<one of {list(scopes)}> key=value")
+        scoped[scope].append(value)
+    return scoped
+
+
 def write_report(out, lines):
     """Write ``lines`` to the markdown file ``out``, followed by the hand-written analysis kept in
     ``<out stem>_notes.md`` (so re-running a benchmark never loses it), and print them."""

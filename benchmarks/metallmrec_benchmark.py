@@ -5,9 +5,9 @@ method) and reports MAE and nDCG@3 on the test tasks of the four scenarios. Fini
 stored as JSON under ``<runs_dir>/`` and skipped when the script is run again, so an interrupted
 benchmark resumes. The table (mean ± std over seeds) is written to ``--out``.
 
-    nice -n 10 python benchmarks/metallmrec_benchmark.py --dataset=ml-100k --seeds 0 1 2 3 4 \\
+    nice -n 10 python -m benchmarks.metallmrec_benchmark --dataset=ml-100k --seeds 0 1 2 3 4 \\
         --methods MeLU-1 MeLU-5 MetaLLMRec WideDeep WideDeep-warm SupportMedian
-    nice -n 10 python benchmarks/metallmrec_benchmark.py --dataset=ml-100k --folds 5   # paper-style k-fold
+    nice -n 10 python -m benchmarks.metallmrec_benchmark --dataset=ml-100k --folds 5   # paper-style k-fold
 
 Extra ``--set key=value`` pairs (yaml values) override the config of every method;
 ``--set-MetaLLMRec key=value`` (or ``--set-MeLU-1`` ...) only that method's.
@@ -24,13 +24,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import parse_sets, write_report  # noqa: E402
-from recbole_llm.data.episodes import SCENARIOS  # noqa: E402
-from recbole_llm.quick_start import objective_function  # noqa: E402
-from recbole_llm.trainer.metallmrec import graded_ndcg, run_rating_baseline  # noqa: E402
+from benchmarks.common import parse_scoped_sets, parse_sets, write_report
+from recbole_llm.data.episodes import SCENARIOS
+from recbole_llm.quick_start import objective_function, run_rating_baseline
 
 WIDEDEEP = {"epochs": 100, "stopping_step": 10, "train_batch_size": 512, "learning_rate": 0.001}
 # method -> (model, config); WideDeep trains on the support sets of the evaluation tasks too,
@@ -49,34 +45,16 @@ METHODS = {
 METRICS = ("mae", "ndcg@3")
 
 
-def support_median(dataset, config):
-    """Scores of the no-learning reference: every query rating predicted as the support median."""
-    from recbole_llm.config import Config
-    from recbole_llm.utils import create_dataset
-
-    data = create_dataset(Config(model="MeLU", dataset=dataset, config_dict=config))
-    results = {}
-    for name in ("valid", *SCENARIOS):
-        tasks = data.episodes[name]
-        errors = [float((t.query_ratings - t.support_ratings.median()).abs().mean()) for t in tasks]
-        ndcgs = [graded_ndcg(np.full(len(t.query_items), float(t.support_ratings.median())), t.query_ratings.numpy(),
-                             t.query_items.numpy()) for t in tasks]
-        results[name] = {"mae": float(np.mean(errors)), "ndcg@3": float(np.mean(ndcgs))}
-    valid = results.pop("valid")
-    return {"best_valid_result": valid, "group_results": results}
-
-
 def run_one(method, dataset, seed, overrides):
     model, method_config = METHODS[method]
     config = {"seed": seed, "torch_threads": 1, "show_progress": False, "state": "ERROR",
               **method_config, **overrides}
     start = time.time()
-    if model == "SupportMedian":
-        result = support_median(dataset, config)
-    elif model == "WideDeep":
-        result = run_rating_baseline(model, dataset, config_dict=config, include_support=method == "WideDeep")
+    if model == "WideDeep":
+        result = run_rating_baseline(model, dataset, config_dict=config, include_support=method == "WideDeep",
+                                     command_line=False)
     else:
-        result = objective_function(config_dict={"model": model, "dataset": dataset, **config})
+        result = objective_function(config_dict={"model": model, "dataset": dataset, **config}, command_line=False)
     return {
         "method": method, "model": model, "dataset": dataset, "seed": seed, "config": config,
         "seconds": round(time.time() - start, 1),
@@ -135,15 +113,7 @@ def main():
                         help="k-fold cold users (user_cold_folds=k, one run per fold, first seed only)")
     parser.add_argument("--set", action="append", default=[], help="key=value for every method")
     args, rest = parser.parse_known_args()
-    per_method = {m: [] for m in METHODS}
-    i = 0
-    while i < len(rest):
-        flag = rest[i]
-        if flag.startswith("--set-") and flag[6:] in METHODS and i + 1 < len(rest):
-            per_method[flag[6:]].append(rest[i + 1])
-            i += 2
-        else:
-            raise SystemExit(f"unknown argument {flag!r}")
+    per_method = parse_scoped_sets(rest, METHODS)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.ERROR)
 
@@ -178,7 +148,7 @@ def main():
             summary = "  ".join(f"{s}: {v['mae']:.4f}/{v['ndcg@3']:.4f}" for s, v in run["scenarios"].items())
             print(f"[{method} seed {seed}{'' if fold is None else f' fold {fold}'}] {run['seconds']}s  {summary}", flush=True)
 
-    command = "nice -n 10 python benchmarks/metallmrec_benchmark.py " + " ".join(sys.argv[1:])
+    command = "nice -n 10 python -m benchmarks.metallmrec_benchmark " + " ".join(sys.argv[1:])
     text = [
         f"# MetaLLMRec vs MeLU vs WideDeep on {args.dataset}: four scenarios",
         "",

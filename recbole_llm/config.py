@@ -7,6 +7,10 @@ ours because a model's needs (e.g. raw ratings for MetaLLMRec) must beat dataset
 wrapped base model's yaml (AugBPR's ``base_model``) comes first. Everything internal stays below the user's
 config files, ``config_dict`` and ``--key=value`` command-line arguments, exactly as in RecBole.
 
+Command-line values are read as RecBole reads them (Python literals), and where that leaves a
+string that is yaml flow style (``--backbone_args="{model: GRU4Rec, epochs: 10}"``) or ``~``,
+as yaml, the way the same value is written in a yaml file.
+
 ``Config(..., command_line=False)`` ignores the command line: the configuration of a run that the
 plugin starts itself (a backbone trained for ALLMRec, a benchmark's runs), whose ``--key=value``
 arguments belong to another run or to another program.
@@ -15,6 +19,7 @@ import os
 from pathlib import Path
 
 import recbole
+import yaml
 from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
 
@@ -29,6 +34,22 @@ class Config(RecBoleConfig):
 
     def _load_cmd_line(self):
         return super()._load_cmd_line() if self.command_line else {}
+
+    def _convert_config_dict(self, config_dict):
+        converted = super()._convert_config_dict(config_dict)
+        for key, value in converted.items():
+            if not isinstance(value, str):
+                continue
+            if value.strip() == "~":
+                converted[key] = None
+            elif value.strip()[:1] in ("{", "["):
+                try:
+                    parsed = yaml.load(value, Loader=self.yaml_loader)
+                except yaml.YAMLError as error:
+                    raise ValueError(f"--{key}={value}: neither a Python literal nor yaml flow style ({error})") from None
+                if isinstance(parsed, (dict, list)):
+                    converted[key] = parsed
+        return converted
 
     def _get_model_and_dataset(self, model, dataset):
         if model is None:
