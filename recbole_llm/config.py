@@ -33,23 +33,29 @@ class Config(RecBoleConfig):
         super().__init__(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
 
     def _load_cmd_line(self):
-        return super()._load_cmd_line() if self.command_line else {}
+        if not self.command_line:
+            return {}
+        values = super()._load_cmd_line()
+        for key, value in values.items():
+            if isinstance(value, str):
+                values[key] = self._yaml_value(key, value)
+        return values
 
-    def _convert_config_dict(self, config_dict):
-        converted = super()._convert_config_dict(config_dict)
-        for key, value in converted.items():
-            if not isinstance(value, str):
-                continue
-            if value.strip() == "~":
-                converted[key] = None
-            elif value.strip()[:1] in ("{", "["):
-                try:
-                    parsed = yaml.load(value, Loader=self.yaml_loader)
-                except yaml.YAMLError as error:
-                    raise ValueError(f"--{key}={value}: neither a Python literal nor yaml flow style ({error})") from None
-                if isinstance(parsed, (dict, list)):
-                    converted[key] = parsed
-        return converted
+    def _yaml_value(self, key, value):
+        """A command-line string RecBole left as is, read as yaml where it is ``~`` or a flow-style
+        dict or list; interval strings such as ``[5,inf)`` stay strings, as RecBole wants them."""
+        text = value.strip()
+        if text == "~":
+            return None
+        if text[:1] not in ("{", "["):
+            return value
+        try:
+            parsed = yaml.load(text, Loader=self.yaml_loader)
+        except yaml.YAMLError as error:
+            if text.startswith("{"):
+                raise ValueError(f"--{key}={value}: neither a Python literal nor yaml flow style ({error})") from None
+            return value
+        return parsed if isinstance(parsed, (dict, list)) else value
 
     def _get_model_and_dataset(self, model, dataset):
         if model is None:

@@ -60,3 +60,8 @@ def test_yaml_flow_values_and_errors_on_the_command_line(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["prog", "--backbone_args={model: [SASRec"])
     with pytest.raises(ValueError, match="--backbone_args"):
         Config(model="ALLMRec", dataset="ml-100k")
+
+
+def test_interval_strings_stay_strings_on_the_command_line(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["prog", "--user_inter_num_interval=[5,inf)"])
+    assert Config(model="BPR", dataset="ml-100k")["user_inter_num_interval"] == "[5,inf)"
