@@ -37,10 +37,10 @@ METHODS = {
     "MetaLLMRec": ("MetaLLMRec", {}),
     "WideDeep": ("WideDeep", WIDEDEEP),
     "WideDeep-warm": ("WideDeep", WIDEDEEP),
-    "SupportMedian": ("SupportMedian", {}),
+    "SupportMedian": ("SupportMedian", {}),  # reference: each query rating = median of the support ratings
     # variants: 10 local steps at evaluation (5 during meta-training)
     "MeLU-5-eval10": ("MeLU", {"local_update": 5, "local_update_eval": 10}),
-    "MetaLLMRec-eval10": ("MetaLLMRec", {"local_update_eval": 10}),  # reference: each query rating = median of the support ratings
+    "MetaLLMRec-eval10": ("MetaLLMRec", {"local_update_eval": 10}),
 }
 METRICS = ("mae", "ndcg@3")
 

@@ -16,7 +16,8 @@
 * Stage 2 (paper 4.2): F_U, F_I two-layer MLPs into the LLM's hidden size; the prompt carries the
   user soft token, the last ``history_len`` titles each followed by its joint-embedding token and
   ``num_candidates`` shuffled candidate titles each followed by its token; the loss is on the
-  target title's tokens only.
+  target title's tokens only (``stage2_objective: generation``, the paper's) or, with
+  ``listwise`` (ours), the softmax cross-entropy over all candidates' title log-likelihoods.
 * Scores: ``predict`` builds one prompt per user from that user's candidate rows (RecBole's
   ``uni19`` gives 1 positive + 19 negatives) in a seeded shuffled order and returns the LLM
   log-likelihood of each candidate's quoted title (``recbole_llm.llm.scoring``; all candidates of
@@ -40,12 +41,13 @@ from recbole.utils import InputType
 
 from recbole_llm.data.history import user_histories
 from recbole_llm.llm import models
-from recbole_llm.llm.scoring import score_branches, score_continuations, target_token_loss
+from recbole_llm.llm.scoring import branch_log_likelihoods, score_branches, score_continuations, target_token_loss
 from recbole_llm.model.backbone import backbone_run, load_backbone
 
 FINETUNE = ("full", "last", "frozen")
 ITEM_SOURCES = ("joint", "text")
 SCORE_METHODS = ("branches", "kv_cache")
+STAGE2_OBJECTIVES = ("generation", "listwise")
 
 
 def _mlp_projector(in_dim, out_dim, activation):
@@ -80,6 +82,9 @@ class ALLMRec(SequentialRecommender):
         if self.score_method not in SCORE_METHODS:
             raise ValueError(f"score_method must be one of {SCORE_METHODS}, got {self.score_method!r}")
         self.score_users_per_pass = int(config["score_users_per_pass"] or 1)
+        self.stage2_objective = config["stage2_objective"] or "generation"
+        if self.stage2_objective not in STAGE2_OBJECTIVES:
+            raise ValueError(f"stage2_objective must be one of {STAGE2_OBJECTIVES}, got {self.stage2_objective!r}")
         self.rerank_top_n = int(config["rerank_top_n"])
         self.weights = {k: float(config[f"{k}_weight"]) for k in ("match", "item_recon", "text_recon", "rec")}
         self.match_norm = config["match_norm"] or "none"
@@ -368,17 +373,31 @@ class ALLMRec(SequentialRecommender):
     # -- stage 2 ----------------------------------------------------------------------------------
 
     def stage2_loss(self, interaction, generator):
+        """``stage2_objective: generation`` (the paper): cross-entropy of the target title's tokens
+        after the prompt. ``listwise``: cross-entropy of the softmax over all candidates' title
+        log-likelihoods (``score_reduction``), the very scores ``predict`` ranks by, so every
+        candidate's title gets a gradient and the loss is about the choice, not the title's spelling."""
         users, targets = interaction[self.USER_ID], interaction[self.ITEM_ID]
         negatives = self.sample_negatives(users, self.num_candidates - 1, generator, targets.unsqueeze(1).tolist())
         user_vectors = self._user_vectors(interaction) if self.use_user_token else [None] * len(users)
-        prompts, target_ids = [], []
+        prompts, shown = [], []
         for row in range(len(users)):
             candidates = torch.cat([targets[row:row + 1], negatives[row]])
             candidates = candidates[torch.randperm(len(candidates), generator=generator).to(self.device)]
             prompts.append(self.prompt_embeddings(user_vectors[row], self._history(interaction, row), candidates))
-            target_ids.append(self._target_ids(int(targets[row])))
-        loss = target_token_loss(self.llm, prompts, target_ids)
-        self.last_losses = {"target": loss.item()}
+            shown.append(candidates)
+        if self.stage2_objective == "generation":
+            loss = target_token_loss(self.llm, prompts, [self._target_ids(int(t)) for t in targets])
+            self.last_losses = {"target": loss.item()}
+            return loss
+        titles = [[self._target_ids(int(i)) for i in candidates] for candidates in shown]
+        per_token = branch_log_likelihoods(self.llm, prompts, titles)
+        reduce = (lambda t: t.mean()) if self.score_reduction == "mean" else (lambda t: t.sum())
+        scores = torch.stack([torch.stack([reduce(t) for t in row]) for row in per_token])
+        position = torch.stack([(candidates == t).nonzero()[0, 0] for candidates, t in zip(shown, targets)])
+        loss = F.cross_entropy(scores, position.to(scores.device))
+        self.last_losses = {"listwise": loss.item(),
+                            "target_rank_1": float((scores.argmax(1) == position.to(scores.device)).float().mean())}
         return loss
 
     def calculate_loss(self, interaction, generator=None):
