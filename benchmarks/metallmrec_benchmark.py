@@ -38,6 +38,8 @@ METHODS = {
     "WideDeep": ("WideDeep", WIDEDEEP),
     "WideDeep-warm": ("WideDeep", WIDEDEEP),
     "SupportMedian": ("SupportMedian", {}),  # reference: each query rating = median of the support ratings
+    "ItemMean": ("ItemMean", {"item_mean_source": "inductive"}),  # reference: the item's mean meta-training rating
+    "ItemMean-transductive": ("ItemMean", {"item_mean_source": "transductive"}),  # + every test user's support ratings
     # variants: 10 local steps at evaluation (5 during meta-training)
     "MeLU-5-eval10": ("MeLU", {"local_update": 5, "local_update_eval": 10}),
     "MetaLLMRec-eval10": ("MetaLLMRec", {"local_update_eval": 10}),

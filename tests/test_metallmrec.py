@@ -25,15 +25,25 @@ def build(model="MetaLLMRec", **overrides):
 
 
 def test_graded_ndcg_matches_hand_computed_example():
-    # predicted 4.5 for items 7 and 2 (tie: item 2 first), 3.0 for item 3, 2.0 for item 9
-    predicted, true, items = [4.5, 3.0, 4.5, 2.0], [3, 5, 4, 1], [7, 3, 2, 9]
-    # ranking: item 2 (r=4), item 7 (r=3), item 3 (r=5); ideal: 5, 4, 3
-    dcg = (2 ** 4 - 1) / 1 + (2 ** 3 - 1) / math.log2(3) + (2 ** 5 - 1) / 2
+    # predicted 4.5 for items with r=3 and r=4 (a tie), 3.0 for r=5, 2.0 for r=1
+    predicted, true = [4.5, 3.0, 4.5, 2.0], [3, 5, 4, 1]
+    # ranks 1-2 hold the tie: each the mean gain of r=3 and r=4; rank 3 holds r=5; ideal: 5, 4, 3
+    tie = ((2 ** 3 - 1) + (2 ** 4 - 1)) / 2
+    dcg = tie / 1 + tie / math.log2(3) + (2 ** 5 - 1) / 2
     idcg = (2 ** 5 - 1) / 1 + (2 ** 4 - 1) / math.log2(3) + (2 ** 3 - 1) / 2
-    assert graded_ndcg(predicted, true, items, k=3) == pytest.approx(dcg / idcg)
-    assert graded_ndcg(true, true, items, k=3) == pytest.approx(1.0)
-    assert graded_ndcg([1, 1, 1], [1, 2, 3], [3, 2, 1], k=3) == pytest.approx(1.0)  # ties -> item id order
-    assert graded_ndcg([1, 1, 1], [1, 2, 3], [1, 2, 3], k=3) < 1.0
+    assert graded_ndcg(predicted, true, k=3) == pytest.approx(dcg / idcg)
+    assert graded_ndcg(true, true, k=3) == pytest.approx(1.0)
+    assert graded_ndcg([3, 2, 1], [1, 2, 3], k=3) < graded_ndcg([1, 1, 1], [1, 2, 3], k=3) < 1.0
+
+
+def test_tied_ndcg_is_the_mean_over_random_orders():
+    rng = np.random.default_rng(0)
+    predicted, true = [2.0, 2.0, 2.0, 1.0, 2.0], [5, 1, 3, 4, 2]
+    orders = []
+    for _ in range(4000):  # break the ties at random by a tiny jitter
+        jitter = np.asarray(predicted) + 1e-6 * rng.random(5)
+        orders.append(graded_ndcg(jitter, true, k=3))
+    assert graded_ndcg(predicted, true, k=3) == pytest.approx(np.mean(orders), abs=0.01)
 
 
 def test_episodes_follow_the_protocol():

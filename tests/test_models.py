@@ -23,6 +23,7 @@ MODELS = {
     "MetaLLMRec": {"model": "MetaLLMRec", **TINY_META, "epochs": 2},
     "MeLU": {"model": "MeLU", **TINY_META, "epochs": 2},
     "SupportMedian": {"model": "SupportMedian", **TINY_META},
+    "ItemMean": {"model": "ItemMean", **TINY_META},
 }
 
 
@@ -59,7 +60,7 @@ def test_augbpr(name):
     assert 0 <= accuracy["accuracy"] <= 1 and accuracy["chance"] == 0.5 and accuracy["pairs"] > 0
 
 
-@pytest.mark.parametrize("name", ["MetaLLMRec", "MeLU", "SupportMedian"])
+@pytest.mark.parametrize("name", ["MetaLLMRec", "MeLU", "SupportMedian", "ItemMean"])
 def test_episodic_models(name):
     result = quick_test(MODELS[name])
     assert set(result["group_results"]) == set(SCENARIOS)
@@ -75,3 +76,21 @@ def test_support_median_predicts_each_users_support_median():
     for scenario in SCENARIOS:
         errors = np.concatenate([(t.query_ratings - t.support_ratings.median()).abs().numpy() for t in episodes[scenario]])
         assert result["group_results"][scenario]["mae"] == pytest.approx(errors.mean(), abs=1e-4)
+
+
+@pytest.mark.parametrize("source", ["inductive", "transductive"])
+def test_item_mean_predicts_the_known_mean_rating_of_each_query_item(source):
+    settings = {**MODELS["ItemMean"], "item_mean_source": source}
+    result = quick_test(settings)
+    episodes = create_dataset(Config(config_file_list=[ML_TINY_YAML], config_dict=tiny_config(**settings))).episodes
+    known = [(t.support_items, t.support_ratings) for t in episodes["train"]]
+    known += [(t.query_items, t.query_ratings) for t in episodes["train"]]
+    if source == "transductive":
+        known += [(t.support_items, t.support_ratings) for name in ("valid", *SCENARIOS) for t in episodes[name]]
+    items = np.concatenate([i.numpy() for i, _ in known])
+    ratings = np.concatenate([r.numpy() for _, r in known])
+    means = {item: ratings[items == item].mean() for item in np.unique(items)}
+    for scenario in SCENARIOS:
+        errors = [abs(r - means.get(int(i), ratings.mean())) for t in episodes[scenario]
+                  for i, r in zip(t.query_items.tolist(), t.query_ratings.tolist())]
+        assert result["group_results"][scenario]["mae"] == pytest.approx(np.mean(errors), abs=1e-4)

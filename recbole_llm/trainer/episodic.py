@@ -13,7 +13,7 @@ touching the meta-parameters. Metrics:
 * ``mae``: RecBole's MAE over all query ratings (micro average; with 10 query ratings per task it
   equals the mean of per-task MAEs);
 * ``ndcg@3`` (``graded_ndcg``): per task, the query items are ranked by predicted rating
-  (descending; ties broken by ascending item id), DCG@3 = sum over ranks j = 1..3 of
+  (descending; tied predictions counted by expectation over their orders), DCG@3 = sum over ranks j = 1..3 of
   (2^r_j - 1) / log2(j + 1) with r_j the true rating at rank j, divided by the DCG@3 of the query
   sorted by true rating; the mean over tasks is reported. RecBole's NDCG is binary and cannot be
   combined with MAE in one metrics list, hence our own.
@@ -34,13 +34,20 @@ from tqdm import tqdm
 from recbole_llm.checkpoint import CheckpointSafeMixin
 
 
-def graded_ndcg(predicted, true, item_ids, k=3):
-    """nDCG@k of one task: rank by ``predicted`` (ties: smaller item id first), gain 2^r - 1."""
-    predicted, true, item_ids = (np.asarray(a, dtype=float) for a in (predicted, true, item_ids))
-    order = np.lexsort((item_ids, -predicted))[:k]
-    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+def graded_ndcg(predicted, true, k=3):
+    """nDCG@k of one task, gain 2^r - 1, items ranked by ``predicted``; tied predictions count by
+    expectation over their random orders (each rank a tie group covers gets the group's mean gain).
+
+    Ties are never broken by item id: internal ids follow popularity, so an id order would turn a
+    constant predictor into a popularity ranking.
+    """
+    predicted, true = np.asarray(predicted, dtype=float), np.asarray(true, dtype=float)
     gains = 2.0 ** true - 1.0
-    dcg = float((gains[order] * discounts[:len(order)]).sum())
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    values, group = np.unique(-predicted, return_inverse=True)  # groups in descending prediction
+    expected_gain = np.bincount(group, weights=gains) / np.bincount(group)
+    ranked = np.repeat(expected_gain, np.bincount(group))[:k]  # expected gain at each rank
+    dcg = float((ranked * discounts[:len(ranked)]).sum())
     ideal = np.sort(gains)[::-1][:k]
     idcg = float((ideal * discounts[:len(ideal)]).sum())
     return dcg / idcg if idcg > 0 else 0.0
@@ -66,7 +73,7 @@ class TaskEvaluation(CheckpointSafeMixin):
                 pred = self.predict_task(task).detach().float().cpu()
                 struct.update_tensor("rec.score", pred)
                 struct.update_tensor("data.label", task.query_ratings)
-                ndcgs.append(graded_ndcg(pred.numpy(), task.query_ratings.numpy(), task.query_items.numpy(), k))
+                ndcgs.append(graded_ndcg(pred.numpy(), task.query_ratings.numpy(), k))
         result = self.evaluator.evaluate(struct)
         result[f"ndcg@{k}"] = round(float(np.mean(ndcgs)), self.config["metric_decimal_place"])
         return OrderedDict(result)
