@@ -1,7 +1,11 @@
 """Helpers shared by the benchmark scripts: ``--set key=value`` parsing and report writing."""
+import platform
+import re
 from pathlib import Path
 
 import yaml
+
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
 def parse_sets(pairs):
@@ -39,3 +43,11 @@ def write_report(out, lines):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     print("\n".join(lines))
+
+
+def cpu_description():
+    """``(CPU model name, the matmul-relevant flags it has)`` from /proc/cpuinfo."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = re.search(r"model name\s*:\s*(.*)", text)
+    flags = set(re.search(r"flags\s*:\s*(.*)", text).group(1).split()) if "flags" in text else set()
+    return (model.group(1).strip() if model else platform.processor()), [f for f in FLAGS if f in flags]

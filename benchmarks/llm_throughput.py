@@ -15,15 +15,13 @@ Writes the table to ``--out`` (results/llm_throughput.md) with the CPU model and
 """
 import argparse
 import os
-import platform
-import re
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import write_report
+from benchmarks.common import FLAGS, cpu_description, write_report
 from recbole_llm.config import Config
 from recbole_llm.llm import models
 from recbole_llm.llm.encoder import TextEmbedder
@@ -34,7 +32,6 @@ from recbole_llm.utils import get_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
 def best_time(fn, repeats):
@@ -66,13 +63,6 @@ def anomaly_variant(anomaly):
 def matmul_peak(dtype, repeats, n=2048):
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     return 2 * n ** 3 / best_time(lambda: a @ b, max(repeats, 10))
-
-
-def cpu_description():
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = re.search(r"model name\s*:\s*(.*)", text)
-    flags = set(re.search(r"flags\s*:\s*(.*)", text).group(1).split()) if "flags" in text else set()
-    return (model.group(1).strip() if model else platform.processor()), [f for f in FLAGS if f in flags]
 
 
 class FlopCounter:

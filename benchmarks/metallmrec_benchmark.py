@@ -16,7 +16,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from benchmarks.common import parse_scoped_sets, parse_sets, write_report
+from benchmarks.common import cpu_description, parse_scoped_sets, parse_sets, write_report
 from recbole_llm.data.episodes import SCENARIOS
 from recbole_llm.quick_start import objective_function, run_rating_baseline
 
@@ -154,7 +153,7 @@ def main():
     text = [
         f"# MetaLLMRec vs MeLU vs WideDeep on {args.dataset}: four scenarios",
         "",
-        f"Produced by `{command}` ({platform.machine()}, {os.cpu_count()} cores, one torch thread per run).",
+        f"Produced by `{command}` ({cpu_description()[0]} with {', '.join(cpu_description()[1])}, {os.cpu_count()} cores, one torch thread per run).",
         (f"{args.folds}-fold cross-validation over users (seed {args.seeds[0]}): fold k is the cold users of run k;"
          " W-W validation/test users and support/query splits are drawn per run and shared by every method."
          " Values: mean ± sample std over folds" if args.folds else
