@@ -187,6 +187,16 @@ def test_sampled_pairs_are_distinct_cold_items_of_users_with_enough_history():
     assert set(pairs[:, 1:].flatten().tolist()) <= {7, 8, 9}
 
 
+def test_the_llm_judge_decides_in_fp32_unless_told_otherwise():
+    def judge_dtype(**settings):
+        config = Config(config_file_list=[ML_TINY_YAML], config_dict=_augbpr_config(base_model="BPR", **settings))
+        judge = judges.judge_from_config(config, [[1, 2]] * 3, ["", "a", "b"], ["", "a", "b"])
+        return judge.identity[2]
+
+    assert judge_dtype(llm_dtype="bfloat16") == "torch.float32"
+    assert judge_dtype(llm_dtype="bfloat16", judge_dtype="auto") == "torch.bfloat16"
+
+
 def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="base_model.*Unknown model 'NoSuchModel'"):
         Config(config_file_list=[ML_TINY_YAML], config_dict=_augbpr_config(base_model="NoSuchModel"))

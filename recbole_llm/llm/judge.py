@@ -285,7 +285,10 @@ def judge_from_config(config, histories, item_titles, item_texts):
     if kind == "llm":
         words = {key: config[f"prompt_{name}"] for key, name in
                  (("items", "items_noun"), ("past_verb", "past_verb"), ("verb", "verb")) if config[f"prompt_{name}"]}
-        return LLMJudge(config["llm"], histories, item_titles, history_len, words, dtype=config["llm_dtype"] or "auto",
+        dtype = config["judge_dtype"] or "float32"
+        if dtype == "auto":
+            dtype = config["llm_dtype"] or "auto"
+        return LLMJudge(config["llm"], histories, item_titles, history_len, words, dtype=dtype,
                         device=config["device"], batch_size=config["judge_batch_size"])
     identity = TextEmbedder(config["text_encoder"], config["text_pooling"] or "auto", max_length=config["text_max_length"] or 256,
                             normalize=bool(config["text_normalize"])).identity
