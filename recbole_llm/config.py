@@ -15,16 +15,41 @@ as yaml, the way the same value is written in a yaml file.
 plugin starts itself (a backbone trained for ALLMRec, a benchmark's runs), whose ``--key=value``
 arguments belong to another run or to another program.
 """
+import difflib
 import os
+from functools import lru_cache
+from logging import getLogger
 from pathlib import Path
 
 import recbole
 import yaml
 from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
+from recbole.utils import argument_list
 
 from recbole_llm import PROPERTIES_DIR, SHIPPED_DATASETS_DIR
 from recbole_llm.utils import get_model
+
+
+# Keys no yaml sets: read by the CLIs themselves (argparse; RecBole's parser sees them too), or
+# set by RecBole's code (device).
+CODE_KEYS = {"model", "dataset", "config_files", "params_file", "output_file", "display_file", "algo",
+             "max_evals", "early_stop", "device"}
+
+
+@lru_cache(maxsize=1)
+def known_keys():
+    """Every key some yaml of RecBole or of the plugin sets, and RecBole's argument lists."""
+    keys = set(CODE_KEYS)
+    for name in dir(argument_list):
+        if name.endswith("_arguments"):
+            keys.update(getattr(argument_list, name))
+    for root in (Path(recbole.__file__).parent / "properties", PROPERTIES_DIR):
+        for path in root.rglob("*.yaml"):
+            loaded = yaml.safe_load(path.read_text()) or {}
+            if isinstance(loaded, dict):
+                keys.update(loaded)
+    return keys
 
 
 class Config(RecBoleConfig):
@@ -109,7 +134,17 @@ class Config(RecBoleConfig):
                     key for key in loaded if key not in self.parameters["Dataset"]
                 ]
 
+    def _warn_unknown_keys(self):
+        """RecBole accepts any key silently; a mistyped one (``--stage2_lrr``) would be ignored."""
+        unknown = sorted(set(self.external_config_dict) - known_keys() - set(self.internal_config_dict))
+        for key in unknown:
+            close = difflib.get_close_matches(key, sorted(known_keys()), n=2)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            getLogger().warning(f"config key '{key}' is not read by recbole_llm or RecBole (no yaml sets it){hint}")
+        self.unknown_keys = unknown
+
     def _set_default_parameters(self):
+        self._warn_unknown_keys()
         # RecBole's overall.yaml samples one training negative by default, and RecBole then refuses
         # every sequential model with CE loss (SASRec, GRU4Rec, ...) unless the user turns sampling
         # off (RecBole#1208). CE needs no negatives, so sampling is off unless the user asked for it.

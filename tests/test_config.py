@@ -127,3 +127,11 @@ def test_resolving_recbole_models_leaves_autograd_anomaly_mode_as_it_was():
     assert anomaly_after("from recbole_llm.utils import get_model; get_model('SASRec')") == "False"
     assert anomaly_after("import torch; torch.autograd.set_detect_anomaly(True); "
                          "from recbole_llm.utils import get_model; get_model('SASRec')") == "True"
+
+
+def test_a_mistyped_key_is_named_with_a_suggestion(monkeypatch, caplog):
+    monkeypatch.setattr(sys, "argv", ["prog", "--stage2_lrr=0.1", "--epochs=2"])
+    with caplog.at_level("WARNING"):
+        config = Config(model="ALLMRec", dataset="ml-100k", config_dict={"stage2_max_samples": 4, "n_layers": 1})
+    assert config.unknown_keys == ["stage2_lrr"]  # plugin keys, RecBole keys and model keys are known
+    assert "'stage2_lrr' is not read" in caplog.text and "stage2_lr" in caplog.text
