@@ -94,3 +94,10 @@ def test_item_mean_predicts_the_known_mean_rating_of_each_query_item(source):
         errors = [abs(r - means.get(int(i), ratings.mean())) for t in episodes[scenario]
                   for i, r in zip(t.query_items.tolist(), t.query_ratings.tolist())]
         assert result["group_results"][scenario]["mae"] == pytest.approx(np.mean(errors), abs=1e-4)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_the_same_seed_gives_identical_metrics_twice(name):
+    first, second = (objective_function(tiny_config(**MODELS[name]), [ML_TINY_YAML]) for _ in range(2))
+    assert first["test_result"] == second["test_result"]
+    assert first["group_results"] == second["group_results"]
