@@ -14,25 +14,27 @@ values) overrides every variant, after ``benchmarks/allmrec_compare.yaml``.
 """
 import argparse
 import json
+import math
 import os
 import platform
 import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
-
 from recbole.utils import init_logger, init_seed
 
-from benchmarks.common import parse_sets, write_report
+from benchmarks.common import cpu_description, parse_sets, write_report
 from recbole_llm.config import Config
 from recbole_llm.quick_start import build_model, evaluation_loaders, load_model, prepare
-from recbole_llm.utils import get_trainer
+from recbole_llm.utils import get_model, get_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # name -> (model, overrides, what it is)
 VARIANTS = {
+    "Pop": ("ALLMRec", {}, "control: RecBole's Pop (training counts of the target items), ties broken at random"),
     "SASRec": ("ALLMRec", {}, "the frozen backbone alone (its own scores)"),
     "LLM-Only": ("ALLMRec", {"use_user_token": False, "use_item_tokens": False, "stages": []},
                  "the same prompt without soft tokens, no training"),
@@ -62,6 +64,28 @@ def evaluate_groups(config, trainer, test_data, groups, only=None):
     return results, seconds, users
 
 
+def popularity_trainer(config, train_data):
+    """RecBole's Pop fitted on ALLMRec's training rows, to be evaluated on ALLMRec's candidates.
+
+    Its scores are counts, so many candidates tie, and RecBole's sampled evaluation would order
+    them by row (the positive is each user's first row). A seeded uniform jitter below one count
+    breaks the ties at random instead.
+    """
+    pop = get_model("Pop")(config, train_data._dataset).to(config["device"])
+    trainer = get_trainer(pop.type, "Pop")(config, pop)
+    trainer.fit(train_data, None, saved=False, show_progress=False)
+    generator = torch.Generator().manual_seed(int(config["seed"]))
+    with torch.no_grad():
+        jitter = 0.5 * torch.rand(pop.item_cnt.shape, generator=generator).to(pop.item_cnt.device)
+        pop.item_cnt = pop.item_cnt.float() + jitter
+        pop.max_cnt = pop.item_cnt.max(dim=0)[0]
+    return trainer
+
+
+def binomial_se(p, n):
+    return math.sqrt(p * (1 - p) / n) if n else float("nan")
+
+
 def run_variant(name, dataset, settings, only_groups=None):
     model_name, overrides, _ = VARIANTS[name]
     config = Config(model=model_name, dataset=dataset, config_dict={**settings, **overrides}, command_line=False)
@@ -74,6 +98,8 @@ def run_variant(name, dataset, settings, only_groups=None):
     if name == "SASRec":
         backbone = load_model(config["backbone_checkpoint"], train_data._dataset).eval()
         trainer = get_trainer(backbone.type, type(backbone).__name__)(config, backbone)
+    elif name == "Pop":
+        trainer = popularity_trainer(config, train_data)
     else:
         model = build_model(config, train_data)
         record["build_seconds"] = round(time.time() - began, 1)
@@ -92,15 +118,24 @@ def write_table(runs_dir, out, command, dataset):
         record = json.loads(path.read_text())
         records[record["variant"]] = record
     order = [v for v in VARIANTS if v in records]
+    cpu, flags = cpu_description()
+    shown_dir = Path(runs_dir).resolve()
+    shown_dir = shown_dir.relative_to(ROOT) if shown_dir.is_relative_to(ROOT) else shown_dir
     lines = [f"# ALLMRec on {dataset}: uni19 Hit@1 (1 positive + 19 sampled negatives)", "",
-             f"Command: `{command}`", "",
-             "Hit@1 per group; train and evaluation seconds on one CPU thread.", "",
+             f"Table written by `{command}` from every run stored in `{shown_dir}` (each variant's JSON holds its "
+             "settings; the variants were run by earlier invocations listed in the notes).", "",
+             f"Hit@1 ± binomial standard error per group (the same users and sampled negatives for every variant); "
+             f"train and evaluation seconds on one CPU thread ({cpu} with {', '.join(flags)}, for the runs made "
+             "since 2026-12-02; earlier runs: see the notes).", "",
              "| variant | what | " + " | ".join(GROUPS) + " | Hit@5 / Hit@10 (test) | train s (stage 1 / 2) "
              "| test eval s per user |",
-             "|---|---|" + "---|" * len(GROUPS) + "---|---|---|"]
+             "|---|---|" + "---|" * len(GROUPS) + "---|---|---|",
+             "| chance | a uniformly random order of the 20 candidates | " + " | ".join("0.050" for _ in GROUPS)
+             + " | 0.250 / 0.500 | - | - |"]
     for name in order:
         r = records[name]
-        hits = [f"{r['results'][g]['hit@1']:.3f}" if g in r["results"] else "-" for g in GROUPS]
+        hits = [f"{r['results'][g]['hit@1']:.3f} ± {binomial_se(r['results'][g]['hit@1'], r['eval_users'][g]):.3f}"
+                if g in r["results"] else "-" for g in GROUPS]
         stages = r.get("stage_seconds", {})
         train = " / ".join(str(stages.get(s, "-")) for s in ("1", "2")) if stages else "-"
         test = r["results"]["test"]
@@ -115,7 +150,7 @@ def write_table(runs_dir, out, command, dataset):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="ml-100k")
-    parser.add_argument("--variants", nargs="*", default=["SASRec", "LLM-Only", "ALLMRec", "TALLRec"])
+    parser.add_argument("--variants", nargs="*", default=["Pop", "SASRec", "LLM-Only", "ALLMRec", "TALLRec"])
     parser.add_argument("--config", default=str(ROOT / "benchmarks" / "allmrec_compare.yaml"))
     parser.add_argument("--runs", default=None, help="folder of per-variant JSON (default results/allmrec_runs/<dataset>)")
     parser.add_argument("--table", default=None, help="markdown table to write from every stored run")
