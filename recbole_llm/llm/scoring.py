@@ -129,6 +129,23 @@ def _branch_layout(prompt_length, branch_lengths):
     return segments, positions
 
 
+def _additive(allowed, dtype):
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+
+def _attention_masks(llm, allowed, position, dtype):
+    """The 4-D additive mask; for models with sliding-window layers (Gemma 3) a mask per layer
+    type, the sliding one also limited to keys fewer than ``sliding_window`` positions back, the
+    distance measured in position ids: a branch sits, for its attention, right after the prompt."""
+    window = getattr(llm.config, "sliding_window", None)
+    if not window or "sliding_attention" not in (getattr(llm.config, "layer_types", None) or []):
+        return _additive(allowed, dtype)
+    near = (position.unsqueeze(2) - position.unsqueeze(1)) < window
+    near |= torch.eye(allowed.shape[-1], dtype=torch.bool, device=allowed.device)
+    return {"full_attention": _additive(allowed, dtype), "sliding_attention": _additive(allowed & near, dtype)}
+
+
 def branch_log_likelihoods(llm, prompt_embeds, continuations):
     """Token log-likelihoods of every continuation of every prompt, in ONE forward pass.
 
@@ -160,10 +177,9 @@ def branch_log_likelihoods(llm, prompt_embeds, continuations):
     same_or_prompt = (segment.unsqueeze(1) == segment.unsqueeze(2)) | (segment.unsqueeze(1) == 0)
     allowed = causal & same_or_prompt & attention.bool().unsqueeze(1)
     allowed |= torch.eye(width, dtype=torch.bool, device=device)  # padding rows attend to themselves
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
     keep = max(sum(lengths) for _, lengths in branch_spans) + 1  # the last prompt token and every branch token
-    logits = llm(inputs_embeds=inputs, attention_mask=mask.unsqueeze(1), position_ids=position,
-                 logits_to_keep=keep).logits.float()
+    logits = llm(inputs_embeds=inputs, attention_mask=_attention_masks(llm, allowed, position, dtype),
+                 position_ids=position, logits_to_keep=keep).logits.float()
     out = []
     for b, (prompt_length, lengths) in enumerate(branch_spans):
         start = keep - sum(lengths)  # column of the first branch token in the kept window
