@@ -34,3 +34,16 @@ class EpisodicRecommender(GeneralRecommender):
     def adapt_and_predict(self, task):
         """Predicted query ratings of one task, given its support ratings; the model is unchanged."""
         raise NotImplementedError
+
+
+class EpisodicReference(EpisodicRecommender):
+    """A parameter-free reference (SupportMedian, ItemMean): it runs through the same trainer and
+    evaluator as the learned models with a fake loss, as RecBole's ``Pop`` does, for one epoch
+    (``properties/model/EpisodicReference.yaml``)."""
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.fake_loss = torch.nn.Parameter(torch.zeros(1))
+
+    def calculate_loss(self, task):
+        return self.fake_loss.sum()

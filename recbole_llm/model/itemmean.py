@@ -12,24 +12,23 @@ explains. ``item_mean_source`` says which ratings are known:
 
 ``item_mean_user_offset`` adds the user's mean support residual (support rating minus the item
 mean), which changes MAE, not the ranking. Like SupportMedian it runs through the episodic trainer
-with a fake loss (``epochs: 1``).
+with a fake loss (``EpisodicReference``).
 """
 import torch
 
 from recbole_llm.data.episodes import TRAIN
-from recbole_llm.model.episodic import EpisodicRecommender
+from recbole_llm.model.episodic import EpisodicReference
 
 SOURCES = ("inductive", "transductive")
 
 
-class ItemMean(EpisodicRecommender):
+class ItemMean(EpisodicReference):
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         source = config["item_mean_source"] or "inductive"
         if source not in SOURCES:
             raise ValueError(f"item_mean_source must be one of {SOURCES}, got {source!r}")
         self.user_offset = bool(config["item_mean_user_offset"])
-        self.fake_loss = torch.nn.Parameter(torch.zeros(1))
         items, ratings = [], []
         for task in dataset.episodes[TRAIN]:
             items += [task.support_items, task.query_items]
@@ -43,9 +42,6 @@ class ItemMean(EpisodicRecommender):
         sums = torch.bincount(items, weights=ratings, minlength=self.n_items).float()
         means = torch.where(counts > 0, sums / counts.clamp(min=1), ratings.mean())
         self.register_buffer("item_means", means.to(self.device), persistent=False)
-
-    def calculate_loss(self, task):
-        return self.fake_loss.sum()
 
     def adapt_and_predict(self, task):
         predicted = self.item_means[task.query_items.to(self.device)]
