@@ -21,14 +21,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import yaml
 from recbole.utils import init_logger, init_seed
 
 from benchmarks.common import cpu_description, parse_sets, write_report
 from recbole_llm.config import Config
-from recbole_llm.quick_start import build_model, evaluation_loaders, load_model, prepare
-from recbole_llm.utils import get_model, get_trainer
+from recbole_llm.quick_start import (build_model, evaluate_seeded, evaluation_loaders, load_model, popularity_trainer,
+                                     prepare)
+from recbole_llm.utils import get_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,30 +56,11 @@ def evaluate_groups(config, trainer, test_data, groups, only=None):
     for name, loader in {"test": test_data, **groups}.items():
         if only and name not in only:
             continue
-        init_seed(config["seed"], config["reproducibility"])  # same sampled negatives for every variant
         began = time.time()
-        results[name] = dict(trainer.evaluate(loader, load_best_model=False, show_progress=False))
+        results[name] = dict(evaluate_seeded(trainer, loader))  # same sampled negatives for every variant
         seconds[name] = round(time.time() - began, 1)
         users[name] = len(set(loader._dataset.inter_feat[config["USER_ID_FIELD"]].tolist()))
     return results, seconds, users
-
-
-def popularity_trainer(config, train_data):
-    """RecBole's Pop fitted on ALLMRec's training rows, to be evaluated on ALLMRec's candidates.
-
-    Its scores are counts, so many candidates tie, and RecBole's sampled evaluation would order
-    them by row (the positive is each user's first row). A seeded uniform jitter below one count
-    breaks the ties at random instead.
-    """
-    pop = get_model("Pop")(config, train_data._dataset).to(config["device"])
-    trainer = get_trainer(pop.type, "Pop")(config, pop)
-    trainer.fit(train_data, None, saved=False, show_progress=False)
-    generator = torch.Generator().manual_seed(int(config["seed"]))
-    with torch.no_grad():
-        jitter = 0.5 * torch.rand(pop.item_cnt.shape, generator=generator).to(pop.item_cnt.device)
-        pop.item_cnt = pop.item_cnt.float() + jitter
-        pop.max_cnt = pop.item_cnt.max(dim=0)[0]
-    return trainer
 
 
 def binomial_se(p, n):

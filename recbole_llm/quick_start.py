@@ -11,11 +11,14 @@ RecBole's own ``recbole.quick_start`` resolves models by name inside RecBole onl
 profiles FLOPs; none of that is used here.
 """
 import logging
+import math
 import os
+import re
 import sys
 import time
 from logging import getLogger
 
+import torch
 from recbole.data.dataloader import TrainDataLoader
 from recbole.utils import init_logger, init_seed, set_color
 from recbole.utils.utils import dict2str
@@ -24,6 +27,7 @@ from recbole_llm.checkpoint import checkpoint_safe, load_checkpoint, load_into_m
 from recbole_llm.config import Config
 from recbole_llm.data import scenarios
 from recbole_llm.data.dataset import EpisodicDataset
+from recbole_llm.fast_kernels import use_fast_kernels
 from recbole_llm.llm.models import set_threads
 from recbole_llm.trainer import RatingBaselineTrainer
 from recbole_llm.utils import create_dataset, data_preparation, get_model, get_trainer
@@ -79,15 +83,23 @@ def prepare(config):
 def build_model(config, train_data):
     """The configured model, freshly initialised (seeded) for ``train_data``'s dataset."""
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    return get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    return instantiate(config, train_data._dataset)
+
+
+def instantiate(config, dataset):
+    """``config["model"]`` built for ``dataset`` on the config's device, with the faster kernels in
+    RecBole's layers unless ``fast_kernels`` is off (``recbole_llm.fast_kernels``)."""
+    model = get_model(config["model"])(config, dataset).to(config["device"])
+    if config["fast_kernels"]:
+        use_fast_kernels(model)
+    return model
 
 
 def load_model(model_file, dataset):
     """The model of a saved checkpoint, rebuilt from the checkpoint's own config for ``dataset``."""
     checkpoint = load_checkpoint(model_file)
     config = checkpoint["config"]
-    model = get_model(config["model"])(config, dataset).to(config["device"])
-    return load_into_model(model, checkpoint)
+    return load_into_model(instantiate(config, dataset), checkpoint)
 
 
 def evaluation_loaders(config, dataset, test_data):
@@ -99,10 +111,76 @@ def evaluation_loaders(config, dataset, test_data):
     return scenarios.group_loaders(config, dataset, test_data)
 
 
+def evaluate_seeded(trainer, loader, load_best_model=False, show_progress=False):
+    """``trainer.evaluate`` with the global seed reset first: RecBole's sampled evaluation draws
+    its negatives from the global RNG, so every model (and every control) evaluated on a loader
+    sees the same candidates, whatever ran before."""
+    init_seed(trainer.config["seed"], trainer.config["reproducibility"])
+    return trainer.evaluate(loader, load_best_model=load_best_model, show_progress=show_progress)
+
+
 def evaluate_groups(trainer, loaders):
     """``{group name: result}`` of the trained model on each loader (weights as they are)."""
-    return {name: trainer.evaluate(loader, load_best_model=False, show_progress=False)
-            for name, loader in loaders.items()}
+    return {name: evaluate_seeded(trainer, loader) for name, loader in loaders.items()}
+
+
+def popularity_trainer(config, train_data):
+    """A trainer holding RecBole's ``Pop`` fitted on ``train_data``, ties broken at random.
+
+    Pop's scores are counts, so many candidates tie, and RecBole's sampled evaluation would order
+    them by row (the positive is each user's first row): a seeded uniform jitter below one count
+    breaks the ties at random instead.
+    """
+    pop = get_model("Pop")(config, train_data._dataset).to(config["device"])
+    trainer = get_trainer(pop.type, "Pop")(config, pop)
+    trainer.fit(train_data, None, saved=False, show_progress=False)
+    generator = torch.Generator().manual_seed(int(config["seed"]))
+    with torch.no_grad():
+        jitter = 0.5 * torch.rand(pop.item_cnt.shape, generator=generator).to(pop.item_cnt.device)
+        pop.item_cnt = pop.item_cnt.float() + jitter
+        pop.max_cnt = pop.item_cnt.max(dim=0)[0]
+    return trainer
+
+
+def control_trainers(config, train_data):
+    """``{name: trainer}`` of the ``eval_controls``: ``Pop`` (``popularity_trainer``) and
+    ``backbone`` (the frozen model of ``backbone_checkpoint``, e.g. ALLMRec's SASRec)."""
+    controls = {}
+    for name in config["eval_controls"] or []:
+        if name == "Pop":
+            controls[name] = popularity_trainer(config, train_data)
+        elif name == "backbone":
+            if not config["backbone_checkpoint"]:  # e.g. ALLMRec without soft tokens (LLM-only), TALLRec
+                getLogger().warning("eval_controls: no backbone_checkpoint in this run; control 'backbone' skipped")
+                continue
+            model = load_model(config["backbone_checkpoint"], train_data._dataset).eval()
+            controls[name] = get_trainer(model.type, type(model).__name__)(config, model)
+        else:
+            raise ValueError(f"eval_controls: unknown control {name!r}; known: 'Pop', 'backbone'")
+    return controls
+
+
+def chance_result(config, metrics):
+    """Expected metrics of a random ranking under sampled evaluation (``uniN``/``popN``: one
+    positive among N + 1 candidates), for the metrics that have one (Hit, NDCG, MRR); ``None``
+    under full ranking."""
+    mode = config["eval_args"]["mode"]
+    mode = mode.get("test") if isinstance(mode, dict) else mode
+    match = re.fullmatch(r"(?:uni|pop)(\d+)", str(mode))
+    if not match:
+        return None
+    n = int(match.group(1)) + 1
+    out = {}
+    for metric in metrics:
+        name, _, k = metric.partition("@")
+        ranks = range(1, min(int(k), n) + 1)
+        if name == "hit":
+            out[metric] = len(ranks) / n
+        elif name == "ndcg":
+            out[metric] = sum(1 / math.log2(r + 1) for r in ranks) / n
+        elif name == "mrr":
+            out[metric] = sum(1 / r for r in ranks) / n
+    return out
 
 
 def train_and_test(config, saved=True, verbose=True):
@@ -116,7 +194,8 @@ def train_and_test(config, saved=True, verbose=True):
         train_data, valid_data, verbose=verbose, saved=saved, show_progress=config["show_progress"] and verbose
     )
     test_data, groups = evaluation_loaders(config, dataset, test_data)
-    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"] and verbose)
+    test_result = evaluate_seeded(trainer, test_data, load_best_model=saved,
+                                  show_progress=config["show_progress"] and verbose)
     result = {
         "model": config["model"],
         "best_valid_score": best_valid_score,
@@ -125,6 +204,14 @@ def train_and_test(config, saved=True, verbose=True):
         "test_result": test_result,
         "group_results": evaluate_groups(trainer, groups),
     }
+    controls = control_trainers(config, train_data)
+    if controls:  # the simplest explanations of the number, on the same users and candidates
+        result["control_results"] = {
+            name: {"test": evaluate_seeded(control, test_data), **evaluate_groups(control, groups)}
+            for name, control in controls.items()}
+    chance = chance_result(config, test_result)
+    if chance:
+        result["chance_result"] = chance
     if groups and config["eval_valid_groups"] and not hasattr(dataset, "evaluation_loaders"):
         # The same groups on the validation rows, so settings can be chosen per group without
         # looking at test numbers.
@@ -136,8 +223,13 @@ def train_and_test(config, saved=True, verbose=True):
 
 
 def format_results(result):
-    """A plain-text table: one row for the overall test result, one per evaluation group."""
+    """A plain-text table: one row for the overall test result, one per evaluation group, then
+    the same rows of each control (``eval_controls``) and the chance level."""
     rows = {"test": result["test_result"], **result.get("group_results", {})}
+    for control, results in result.get("control_results", {}).items():
+        rows.update({f"{control}: {name}": values for name, values in results.items()})
+    if result.get("chance_result"):
+        rows["chance"] = result["chance_result"]
     metrics = list(result["test_result"])
     width = max(len(name) for name in rows)
     cols = [max(10, len(m)) for m in metrics]
@@ -173,6 +265,9 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
     logger.info(set_color("test result", "yellow") + f": {dict2str(result['test_result'])}")
     for name, values in result["group_results"].items():
         logger.info(set_color(f"test [{name}]", "yellow") + f": {dict2str(values)}")
+    for control, results in result.get("control_results", {}).items():
+        for name, values in results.items():
+            logger.info(set_color(f"control {control} [{name}]", "yellow") + f": {dict2str(values)}")
     for name, values in result.get("extra_results", {}).items():
         logger.info(set_color(name, "yellow") + f": {values}")
     logger.info("\n" + format_results(result))
@@ -232,7 +327,7 @@ def run_rating_baseline(model="WideDeep", dataset="ml-100k", config_dict=None, c
     train_data = data.rating_baseline_data(include_support)
     train = TrainDataLoader(config, train_data, None, shuffle=True)
     init_seed(config["seed"], config["reproducibility"])
-    model_obj = get_model(config["model"])(config, train_data).to(config["device"])
+    model_obj = instantiate(config, train_data)
     trainer = checkpoint_safe(RatingBaselineTrainer)(config, model_obj, data, data.rating_range())
     best_score, best_result = trainer.fit(train, valid, verbose=False, saved=saved)
     test, groups = data.evaluation_loaders(config, test)

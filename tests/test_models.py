@@ -46,6 +46,13 @@ def test_llm_rankers(name):
     result = quick_test(MODELS[name])
     assert set(result["test_result"]) >= {"hit@1", "ndcg@10"}
     assert 0 <= result["test_result"]["hit@1"] <= 1
+    # the controls of ALLMRec.yaml, on the same groups, and the chance level of uni19
+    controls = result["control_results"]
+    assert set(controls) == ({"Pop", "backbone"} if name == "ALLMRec" else {"Pop"})  # TALLRec has no backbone
+    for rows in controls.values():
+        assert set(rows) == {"test", *result["group_results"]}
+        assert all(0 <= values["hit@1"] <= 1 for values in rows.values())
+    assert result["chance_result"]["hit@1"] == pytest.approx(1 / 20)
 
 
 @pytest.mark.parametrize("name", ["AugBPR-BPR", "AugBPR-SASRec"])

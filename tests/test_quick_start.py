@@ -1,4 +1,5 @@
 """Running RecBole's own models through the plugin: train, reload the best checkpoint, tune."""
+import math
 import os
 import subprocess
 import sys
@@ -8,7 +9,9 @@ import pytest
 import torch
 
 from conftest import DATA_DIR, ML_TINY_YAML, tiny_config
-from recbole_llm.quick_start import load_data_and_model, objective_function, run_recbole_llm
+from recbole_llm.config import Config
+from recbole_llm.quick_start import (chance_result, control_trainers, load_data_and_model, objective_function, prepare,
+                                     run_recbole_llm)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_KEYS = {"model", "best_valid_score", "valid_score_bigger", "best_valid_result", "test_result"}
@@ -70,3 +73,20 @@ def test_plugin_never_imports_recbole_quick_start():
     code = "import sys, recbole_llm.quick_start, recbole_llm.cli; print('recbole.quick_start' in sys.modules, 'ray' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.stdout.strip() == "False False", done.stderr[-2000:]
+
+
+def test_chance_level_of_sampled_evaluation_by_hand():
+    config = {"eval_args": {"mode": {"valid": "uni19", "test": "uni19"}}}
+    chance = chance_result(config, ["hit@1", "hit@5", "ndcg@2", "mrr@3", "recall@10"])
+    assert chance == pytest.approx({"hit@1": 1 / 20, "hit@5": 5 / 20, "ndcg@2": (1 + 1 / math.log2(3)) / 20,
+                                    "mrr@3": (1 + 1 / 2 + 1 / 3) / 20})
+    assert chance_result({"eval_args": {"mode": "pop4"}}, ["hit@10"]) == {"hit@10": 1.0}
+    assert chance_result({"eval_args": {"mode": "full"}}, ["hit@1"]) is None
+
+
+def test_unknown_control_is_named():
+    config = Config(model="BPR", config_file_list=[ML_TINY_YAML], config_dict=tiny_config(eval_controls=["Popp"]),
+                    command_line=False)
+    _, train_data, _, _ = prepare(config)
+    with pytest.raises(ValueError, match="unknown control 'Popp'"):
+        control_trainers(config, train_data)
