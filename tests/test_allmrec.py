@@ -142,8 +142,8 @@ def test_listwise_stage2_loss_equals_a_hand_computation(shared_cache):
         for row in range(3):
             candidates = torch.cat([targets[row:row + 1], negatives[row]])
             candidates = candidates[torch.randperm(4, generator=generator)]
-            prompt = model.prompt_embeddings(vectors[row], model._history(batch, row), candidates)
-            scores = score_continuations(model.llm, prompt, [model._target_ids(int(i)) for i in candidates])
+            prompt = model.prompt_embeddings(vectors[row], model.history(batch, row), candidates)
+            scores = score_continuations(model.llm, prompt, [model.title_token_ids(int(i)) for i in candidates])
             target = int((candidates == targets[row]).nonzero()[0, 0])
             expected.append(-(scores[target] - scores.logsumexp(0)))
     assert loss.item() == pytest.approx(torch.stack(expected).mean().item(), abs=1e-4)
@@ -242,3 +242,82 @@ def test_tallrec_trains_lora_weights_only(shared_cache):
     assert all("lora_" in k for k in state if k.startswith("llm."))
     assert any(not torch.equal(state[k], v) for k, v in lora_before.items())
     assert torch.isfinite(model.predict(next(iter(test_data))[0])).all()
+
+
+def test_conditioning_options_do_what_they_claim(shared_cache):
+    _, model, _, _, test_data = _setup(shared_cache, soft_token_norm="word", latent_norm="standardise",
+                                       item_embedding_source="text")
+    batch = next(iter(test_data))[0]
+    history, candidates = model.history(batch, 0), batch["item_id"][:5]
+    vector = model._user_vectors(batch)[0]
+    with torch.no_grad():
+        user, history_tokens, candidate_tokens = model.soft_tokens(vector, history, candidates)
+        # every soft token has the mean norm of the LLM's word embeddings
+        for tokens in (user.unsqueeze(0), history_tokens, candidate_tokens):
+            torch.testing.assert_close(tokens.norm(dim=-1), torch.full((len(tokens),), model.word_norm), rtol=1e-4, atol=1e-4)
+        # standardised latents: mean 0 and std 1 per dimension over all items
+        latents = model.joint_item_embeddings(torch.arange(1, model.n_items))
+        torch.testing.assert_close(latents.mean(0), torch.zeros(latents.shape[1]), atol=1e-4, rtol=0)
+        torch.testing.assert_close(latents.std(0), torch.ones(latents.shape[1]), atol=1e-4, rtol=0)
+    _, plain, _, _, _ = _setup(shared_cache, item_embedding_source="text")
+    with torch.no_grad():
+        raw = plain.joint_item_embeddings(torch.arange(1, plain.n_items))
+        assert raw.std(0).mean() < 0.5  # sigmoid latents: what standardising changes
+        user, _, _ = plain.soft_tokens(vector, history, candidates)
+        assert abs(user.norm().item() - plain.word_norm) > 1e-2
+
+
+def test_cold_items_use_their_backbone_embedding_in_training_with_inference_text_tokens(shared_cache):
+    _, model, _, _, _ = _setup(shared_cache, cold_item_text_tokens="inference")
+    cold = torch.nonzero(~model.item_warm[1:])[:3, 0] + 1
+    assert len(cold) > 0
+    with torch.no_grad():
+        e = model.item_encoder(model.backbone.item_embeddings(cold))
+        q = model.text_encoder(model.item_text_emb[cold])
+        model.train()
+        torch.testing.assert_close(model.joint_item_embeddings(cold), e)
+        model.eval()
+        torch.testing.assert_close(model.joint_item_embeddings(cold), q)
+
+
+@pytest.mark.parametrize("position", ["after", "before"])
+def test_item_token_position(shared_cache, position):
+    _, model, _, _, test_data = _setup(shared_cache, item_token_position=position, use_user_token=False)
+    batch = next(iter(test_data))[0]
+    history, candidates = model.history(batch, 0), batch["item_id"][:3]
+    hidden = model.llm.config.hidden_size
+    marks = torch.arange(1, 4).float().unsqueeze(1).repeat(1, hidden) * 1000  # unmistakable rows
+    with torch.no_grad():
+        prompt = model.prompt_embeddings(None, history, candidates, tokens=(None, None, marks))
+        embed = model.llm.get_input_embeddings()
+        for k, item in enumerate(candidates.tolist()):
+            row = int((prompt[:, 0] == marks[k, 0]).nonzero()[0, 0])
+            title = embed(torch.tensor(model._text_ids(f' "{model.titles[item]}"')))
+            if position == "before":
+                torch.testing.assert_close(prompt[row + 1], title[0])
+            else:
+                torch.testing.assert_close(prompt[row - 1], title[-1])
+
+
+def test_mlp_llm_feeds_backbone_embeddings_to_the_item_projection_and_trains_stage_2_only(shared_cache):
+    config, model, trainer, train_data, _ = _setup(shared_cache, item_embedding_source="backbone", stages=[2])
+    assert model.item_proj[0].in_features == model.backbone.item_dim
+    items = torch.arange(1, 6)
+    torch.testing.assert_close(model.joint_item_embeddings(items), model.backbone.item_embeddings(items))
+    before = model.item_encoder[0].weight.clone()
+    trainer.fit(train_data, saved=False)
+    assert trainer.epoch_losses and {stage for stage, _, _ in trainer.epoch_losses} == {2}
+    assert torch.equal(model.item_encoder[0].weight, before)  # stage 1 never ran
+
+
+def test_generate_answers_a_question_about_the_user_with_the_soft_tokens_in_the_prompt(shared_cache):
+    _, model, _, _, test_data = _setup(shared_cache)
+    model.eval()
+    batch = next(iter(test_data))[0][torch.arange(2)]
+    answers = model.generate(batch, "Which genres does this user like?", max_new_tokens=5)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    assert answers == model.generate(batch, "Which genres does this user like?", max_new_tokens=5)  # greedy
+    prompt = model.prompt_embeddings(model._user_vectors(batch)[0], model.history(batch, 0), batch["item_id"][:0],
+                                     question="Which genres does this user like?")
+    question_ids = model._text_ids(" in the previous. Which genres does this user like?")
+    torch.testing.assert_close(prompt[-len(question_ids):], model.llm.get_input_embeddings()(torch.tensor(question_ids)))

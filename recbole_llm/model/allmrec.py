@@ -25,7 +25,8 @@
   ``full_sort_predict`` reranks the backbone's top ``rerank_top_n`` items with the LLM.
 * Items with fewer than ``cold_item_threshold`` training interactions use q_i = f_T(SBERT(text))
   instead of e_i = f_I(E_i) (the paper's A-LLMRec (SBERT)); ``item_embedding_source: text`` uses
-  q_i for every item (ablation).
+  q_i for every item (ablation); ``backbone`` feeds the backbone's E_i straight to F_I, which with
+  ``stages: [2]`` is the paper's MLP-LLM baseline (no stage 1).
 
 The LLM (and the backbone) are submodules but their frozen weights are left out of
 ``state_dict``: checkpoints hold only what ALLMRec trains (see ``ALLMRecTrainer``).
@@ -45,12 +46,12 @@ from recbole_llm.llm.scoring import branch_log_likelihoods, score_branches, scor
 from recbole_llm.model.backbone import backbone_run, load_backbone
 
 FINETUNE = ("full", "last", "frozen")
-ITEM_SOURCES = ("joint", "text")
+ITEM_SOURCES = ("joint", "text", "backbone")
 SCORE_METHODS = ("branches", "kv_cache")
 STAGE2_OBJECTIVES = ("generation", "listwise")
 
 
-def _mlp_projector(in_dim, out_dim, activation):
+def mlp_projector(in_dim, out_dim, activation):
     layers = torch.nn.Sequential(
         torch.nn.Linear(in_dim, out_dim), torch.nn.LayerNorm(out_dim), activation, torch.nn.Linear(out_dim, out_dim))
     for layer in (layers[0], layers[3]):
@@ -93,6 +94,11 @@ class ALLMRec(SequentialRecommender):
         self.item_source = config["item_embedding_source"]
         if self.item_source not in ITEM_SOURCES:
             raise ValueError(f"item_embedding_source must be one of {ITEM_SOURCES}, got {self.item_source!r}")
+        self.cold_item_text_tokens = self._choice(config, "cold_item_text_tokens", ("always", "inference"))
+        self.latent_norm = self._choice(config, "latent_norm", ("none", "standardise"))
+        self.soft_token_norm = self._choice(config, "soft_token_norm", ("none", "word"))
+        self.item_token_position = self._choice(config, "item_token_position", ("after", "before"))
+        self._latent_stats = None
 
         # training histories: negatives exclude them; item counts decide cold items
         histories = user_histories(dataset)
@@ -120,13 +126,23 @@ class ALLMRec(SequentialRecommender):
         if config["lora_args"]:
             self.llm = self._with_lora(self.llm, dict(config["lora_args"]))
         hidden = self.llm.config.hidden_size
+        words = self.llm.get_input_embeddings().weight.detach()
+        self.word_norm = float(words.float().norm(dim=-1).mean())
         if self.use_user_token:
             user_dim = self._user_dim()
-            self.user_proj = _mlp_projector(user_dim, hidden, torch.nn.LeakyReLU())
+            self.user_proj = mlp_projector(user_dim, hidden, torch.nn.LeakyReLU())
         if self.use_item_tokens:
-            self.item_proj = _mlp_projector(latent, hidden, torch.nn.GELU())
+            token_input = self.backbone.item_dim if self.item_source == "backbone" else latent
+            self.item_proj = mlp_projector(token_input, hidden, torch.nn.GELU())
         self._prompt_ids = {}
-        self.title_ids = None  # tokenised lazily (see _target_ids)
+        self.title_ids = None  # tokenised lazily (see title_token_ids)
+
+    @staticmethod
+    def _choice(config, key, choices):
+        value = config[key] or choices[0]
+        if value not in choices:
+            raise ValueError(f"{key} must be one of {choices}, got {value!r}")
+        return value
 
     # -- prerequisites: the backbone arrives by config path ----------------------------------------
 
@@ -207,6 +223,7 @@ class ALLMRec(SequentialRecommender):
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        self._latent_stats = None  # new stage-1 weights
         frozen = self._frozen_keys()
         missing = [k for k in result.missing_keys if k not in frozen]
         if strict and (missing or result.unexpected_keys):
@@ -239,6 +256,7 @@ class ALLMRec(SequentialRecommender):
     @torch.no_grad()
     def refresh_text_embeddings(self, batch_size=64):
         """Re-embed every item's text with the fine-tuned SBERT (used by stage 2 and inference)."""
+        self._latent_stats = None  # stage 1 has ended: its latents are final
         if self.sbert is None:
             return
         was_training = self.sbert.training
@@ -252,12 +270,51 @@ class ALLMRec(SequentialRecommender):
 
     @torch.no_grad()
     def joint_item_embeddings(self, items):
-        """e_i = f_I(E_i) for warm items, q_i = f_T(SBERT(text_i)) otherwise (or always: ablation)."""
-        q = self.text_encoder(self.item_text_emb[items])
+        """e_i = f_I(E_i) for warm items, q_i = f_T(SBERT(text_i)) otherwise (or always: ablation).
+        ``cold_item_text_tokens: inference`` uses e_i for every item while training (the official
+        code) and q_i for cold items only at inference. ``latent_norm: standardise`` centres and
+        scales every dimension by its mean and std over all items (stage-1 sigmoid latents vary
+        by ~0.02 around a shared mean, so the item-specific part is a few % of F_I's input)."""
+        latent = self._raw_latents(items, self.training)
+        if self.latent_norm == "standardise":
+            mean, std = self._latent_statistics()
+            latent = (latent - mean) / std
+        return latent
+
+    def _raw_latents(self, items, training):
+        if self.item_source == "backbone":  # MLP-LLM: no stage-1 latent, the backbone's own E_i
+            return self.backbone.item_embeddings(items)
         if self.item_source == "text" or self.backbone is None:
-            return q
+            return self.text_encoder(self.item_text_emb[items])
+        q = self.text_encoder(self.item_text_emb[items])
         e = self.item_encoder(self.backbone.item_embeddings(items))
-        return torch.where(self.item_warm[items].unsqueeze(-1), e, q)
+        use_e = self.item_warm[items]
+        if self.cold_item_text_tokens == "inference" and training:
+            use_e = torch.ones_like(use_e)
+        return torch.where(use_e.unsqueeze(-1), e, q)
+
+    def _latent_statistics(self):
+        """Per-dimension mean and std of all items' latents as inference sees them, computed once
+        per set of stage-1 weights (stage 2 does not change them)."""
+        if self._latent_stats is None:
+            latents = self._raw_latents(torch.arange(1, self.n_items, device=self.device), training=False)
+            self._latent_stats = (latents.mean(0), latents.std(0).clamp(min=1e-6))
+        return self._latent_stats
+
+    def soft_tokens(self, user_vector, history, candidates):
+        """``(user token, history item tokens, candidate item tokens)`` in the LLM's input space,
+        each ``None`` when switched off; ``soft_token_norm: word`` rescales every token to the mean
+        norm of the LLM's word embeddings (untrained projections give norms ~5x theirs)."""
+        user = self.user_proj(user_vector) if self.use_user_token else None
+        history_tokens = candidate_tokens = None
+        if self.use_item_tokens:
+            projected = self.item_proj(self.joint_item_embeddings(torch.cat([history, candidates])))
+            history_tokens, candidate_tokens = projected[: len(history)], projected[len(history):]
+        if self.soft_token_norm == "word":
+            user, history_tokens, candidate_tokens = (
+                None if t is None else t * (self.word_norm / t.norm(dim=-1, keepdim=True).clamp(min=1e-6))
+                for t in (user, history_tokens, candidate_tokens))
+        return user, history_tokens, candidate_tokens
 
     def _user_vectors(self, interaction):
         return self.backbone.user_representation(
@@ -313,16 +370,24 @@ class ALLMRec(SequentialRecommender):
             self._prompt_ids[text] = self.tokenizer(text, add_special_tokens=False).input_ids
         return self._prompt_ids[text]
 
-    def _target_ids(self, item):
+    def title_token_ids(self, item):
         """Token ids of the candidate continuation: the quoted title, then end of sequence."""
         if self.title_ids is None:
             eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
             self.title_ids = [self._text_ids(f' "{t}"') + eos for t in self.titles]
         return self.title_ids[item]
 
-    def prompt_embeddings(self, user_vector, history, candidates):
-        """[P, H] prompt of one user: soft tokens spliced between the template's text tokens."""
+    def prompt_embeddings(self, user_vector, history, candidates, tokens=None, question=None):
+        """[P, H] prompt of one user: soft tokens spliced between the template's text tokens.
+
+        ``tokens``: ``(user token, history tokens, candidate tokens)`` to use instead of
+        ``soft_tokens`` (the oracle benchmarks put their own vectors there). An item's token goes
+        right after its quoted title (``item_token_position: after``, the paper) or right before it.
+        ``question``: free text that replaces the candidate list and the recommendation request
+        (``generate``).
+        """
         words = self.config
+        user_token, hist_vec, cand_vec = tokens if tokens is not None else self.soft_tokens(user_vector, history, candidates)
         ids, soft_rows, soft_values = [], [], []
 
         def text(s):
@@ -335,24 +400,28 @@ class ALLMRec(SequentialRecommender):
 
         def item_list(items, vectors):
             for k, item in enumerate(items.tolist()):
-                text(("," if k else "") + f' "{self.titles[item]}"')
-                if vectors is not None:
+                separator, title = ("," if k else ""), f' "{self.titles[item]}"'
+                if vectors is not None and self.item_token_position == "before":
+                    text(separator)
                     soft(vectors[k])
+                    text(title)
+                else:
+                    text(separator + title)
+                    if vectors is not None:
+                        soft(vectors[k])
 
-        if self.use_user_token:
-            soft(self.user_proj(user_vector))
+        if user_token is not None:
+            soft(user_token)
             text(" is a user representation.")
-        hist_vec = cand_vec = None
-        if self.use_item_tokens:
-            latents = self.joint_item_embeddings(torch.cat([history, candidates]))
-            projected = self.item_proj(latents)
-            hist_vec, cand_vec = projected[: len(history)], projected[len(history):]
         text(f" This user has {words['prompt_past_verb']}")
         item_list(history, hist_vec)
-        text(f" in the previous. Recommend one next {words['prompt_item_noun']} for this user to "
-             f"{words['prompt_verb']} next from the following {words['prompt_item_noun']} title set,")
-        item_list(candidates, cand_vec)
-        text(". The recommendation is")
+        if question is not None:
+            text(f" in the previous. {question}")
+        else:
+            text(f" in the previous. Recommend one next {words['prompt_item_noun']} for this user to "
+                 f"{words['prompt_verb']} next from the following {words['prompt_item_noun']} title set,")
+            item_list(candidates, cand_vec)
+            text(". The recommendation is")
         embed = self.llm.get_input_embeddings()
         token_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         embeds = embed(token_ids)
@@ -361,7 +430,8 @@ class ALLMRec(SequentialRecommender):
             embeds = embeds.index_put((torch.tensor(soft_rows, device=self.device),), values)
         return embeds
 
-    def _history(self, interaction, row):
+    def history(self, interaction, row):
+        """The last ``history_len`` items of row ``row``'s training sequence."""
         length = int(interaction[self.ITEM_SEQ_LEN][row])
         return interaction[self.ITEM_SEQ][row, :length][-self.history_len:]
 
@@ -384,13 +454,13 @@ class ALLMRec(SequentialRecommender):
         for row in range(len(users)):
             candidates = torch.cat([targets[row:row + 1], negatives[row]])
             candidates = candidates[torch.randperm(len(candidates), generator=generator).to(self.device)]
-            prompts.append(self.prompt_embeddings(user_vectors[row], self._history(interaction, row), candidates))
+            prompts.append(self.prompt_embeddings(user_vectors[row], self.history(interaction, row), candidates))
             shown.append(candidates)
         if self.stage2_objective == "generation":
-            loss = target_token_loss(self.llm, prompts, [self._target_ids(int(t)) for t in targets])
+            loss = target_token_loss(self.llm, prompts, [self.title_token_ids(int(t)) for t in targets])
             self.last_losses = {"target": loss.item()}
             return loss
-        titles = [[self._target_ids(int(i)) for i in candidates] for candidates in shown]
+        titles = [[self.title_token_ids(int(i)) for i in candidates] for candidates in shown]
         per_token = branch_log_likelihoods(self.llm, prompts, titles)
         reduce = (lambda t: t.mean()) if self.score_reduction == "mean" else (lambda t: t.sum())
         scores = torch.stack([torch.stack([reduce(t) for t in row]) for row in per_token])
@@ -423,7 +493,7 @@ class ALLMRec(SequentialRecommender):
             shown = candidates[order]
             orders.append(order)
             prompts.append(self.prompt_embeddings(vector, history, shown))
-            targets.append([self._target_ids(int(i)) for i in shown])
+            targets.append([self.title_token_ids(int(i)) for i in shown])
         if self.score_method == "kv_cache":
             scores = [score_continuations(self.llm, prompt, target, self.score_reduction, self.score_batch_size,
                                           pad_id=self.tokenizer.pad_token_id or 0)
@@ -441,6 +511,23 @@ class ALLMRec(SequentialRecommender):
         return out
 
     @torch.no_grad()
+    def generate(self, interaction, question, max_new_tokens=40):
+        """Free text from the LLM for each row of ``interaction`` (the paper's §5.4.4, e.g. "Which
+        genres does this user like?"): the prompt carries the user's soft token and history titles
+        with their item tokens, then ``question``; greedy decoding. Returns one string per row."""
+        users = self._user_vectors(interaction) if self.use_user_token else [None] * len(interaction)
+        eos = self.tokenizer.eos_token_id
+        answers = []
+        for row in range(len(interaction)):
+            history = self.history(interaction, row)
+            prompt = self.prompt_embeddings(users[row], history, history[:0], question=question).unsqueeze(0)
+            new_ids = self.llm.generate(
+                inputs_embeds=prompt, attention_mask=torch.ones(prompt.shape[:2], dtype=torch.long, device=self.device),
+                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id or eos)
+            answers.append(self.tokenizer.decode(new_ids[0], skip_special_tokens=True).strip())
+        return answers
+
+    @torch.no_grad()
     def predict(self, interaction):
         users = interaction[self.USER_ID]
         items = interaction[self.ITEM_ID]
@@ -450,7 +537,7 @@ class ALLMRec(SequentialRecommender):
             rows = (users == user).nonzero(as_tuple=True)[0]
             first = int(rows[0])
             vector = user_vectors[first] if user_vectors is not None else None
-            requests.append((user, vector, self._history(interaction, first), items[rows]))
+            requests.append((user, vector, self.history(interaction, first), items[rows]))
             row_sets.append(rows)
         scores = torch.empty(len(items), device=self.device)
         for rows, user_scores in zip(row_sets, self.rank_candidates(requests)):
@@ -467,7 +554,7 @@ class ALLMRec(SequentialRecommender):
         user_vectors = self._user_vectors(interaction) if self.use_user_token else None
         users = interaction[self.USER_ID]
         requests = [(int(users[row]), user_vectors[row] if user_vectors is not None else None,
-                     self._history(interaction, row), top[row]) for row in range(len(interaction))]
+                     self.history(interaction, row), top[row]) for row in range(len(interaction))]
         for row, scores in enumerate(self.rank_candidates(requests)):
             out[row, top[row]] = scores
         return out
