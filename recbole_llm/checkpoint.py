@@ -14,14 +14,26 @@ from recbole.trainer import DecisionTreeTrainer
 _SAFE_CLASSES = {}
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Load a RecBole-style checkpoint written by this project (trusted: may contain pickles)."""
+def load_checkpoint(path, map_location="cpu", model=None):
+    """Load a RecBole-style checkpoint written by this project (trusted: may contain pickles).
+
+    A file that is not one (truncated, another format, a dict without ``state_dict`` and
+    ``config``) is refused naming the path; with ``model`` (a model name) so is a checkpoint
+    written by another model.
+    """
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint file not found: {path}") from None
     except Exception as error:  # truncated or not a torch file
         raise RuntimeError(f"cannot read checkpoint {path}: {error}") from error
+    if not isinstance(checkpoint, dict) or not {"state_dict", "config"} <= set(checkpoint):
+        found = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise RuntimeError(f"{path} is not a RecBole checkpoint (no state_dict and config; found {found})")
+    written_by = checkpoint["config"]["model"]
+    if model is not None and written_by != model:
+        raise ValueError(f"checkpoint {path} was written by model {written_by}, not {model}")
+    return checkpoint
 
 
 def load_into_model(model, checkpoint):
@@ -34,7 +46,7 @@ def load_into_model(model, checkpoint):
 class CheckpointSafeMixin:
     def _load_best_into_model(self, model_file):
         checkpoint_file = model_file or self.saved_model_file
-        load_into_model(self.model, load_checkpoint(checkpoint_file, self.device))
+        load_into_model(self.model, load_checkpoint(checkpoint_file, self.device, self.config["model"]))
         self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
@@ -55,6 +67,7 @@ class CheckpointSafeMixin:
             self.logger.info(f"Saving current: {target}")
 
     def resume_checkpoint(self, resume_file):
+        load_checkpoint(resume_file, model=self.config["model"])  # a clear error for a wrong file
         original_load = torch.load
 
         def trusted_load(*args, **kwargs):

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import time
 from logging import getLogger
 
@@ -69,8 +70,25 @@ def pretrain(model, dataset, config_dict, path):
     return path
 
 
+def check_output_dirs(config, keys=("checkpoint_dir", "cache_dir")):
+    """Create the folders a run writes to and fail now, naming the key, if one cannot be written
+    (rather than after hours of training, when the first checkpoint or cache entry is saved)."""
+    for key in keys:
+        folder = config[key]
+        if not folder:
+            continue
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+                pass
+        except OSError as error:
+            raise PermissionError(f"{key}={folder!r} is not a writable folder ({type(error).__name__}: "
+                                  f"{error.strerror or error}); pass --{key}=<a writable folder>") from None
+
+
 def prepare(config):
     """``(dataset, train_data, valid_data, test_data)`` of a run, its prerequisites trained first."""
+    check_output_dirs(config)
     resolve_prerequisites(config)
     init_seed(config["seed"], config["reproducibility"])
     set_threads(config["torch_threads"])

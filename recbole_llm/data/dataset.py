@@ -66,6 +66,17 @@ class PluginDatasetMixin:
             raise
         self.logger.info(f"Dataset [{self.dataset_name}] is in [{self.dataset_path}].")
 
+    def _load_feat(self, filepath, source):
+        """RecBole's loader; a value its declared type cannot hold is named with file, line and field."""
+        try:
+            return super()._load_feat(filepath, source)
+        except ValueError as error:
+            culprit = _first_bad_number(filepath, self.config["field_separator"] or "\t",
+                                        self.config["seq_separator"] or " ")
+            if culprit is None:
+                raise
+            raise ValueError(f"{filepath}: {culprit}") from error
+
     def build(self):
         """RecBole's split, with the configured scenarios applied around it (see ``scenarios``)."""
         scenarios.before_split(self)
@@ -96,6 +107,25 @@ class PluginDatasetMixin:
             rows = embed_from_config(self.config, self.texts(kind, template_key)[1:], encoder_key=encoder_key).float()
             cache[key] = torch.cat([torch.zeros(1, rows.shape[1]), rows])
         return cache[key]
+
+
+def _first_bad_number(path, separator, seq_separator):
+    """``"line N, field [f] (float): 'x' is not a number"`` for the first value of a float or
+    float_seq column that is not a number, or None."""
+    with open(path, encoding="utf-8") as lines:
+        header = next(lines).rstrip("\n").split(separator)
+        numeric = {k: field.split(":") for k, field in enumerate(header) if field.endswith((":float", ":float_seq"))}
+        for number, line in enumerate(lines, start=2):
+            values = line.rstrip("\n").split(separator)
+            for k, (name, kind) in numeric.items():
+                raw = values[k] if k < len(values) else ""
+                for part in (raw.split(seq_separator) if kind == "float_seq" else [raw]):
+                    try:
+                        if part.strip():
+                            float(part)
+                    except ValueError:
+                        return f"line {number}, field [{name}] ({kind}): {raw!r} is not a number"
+    return None
 
 
 def _flatten_single_folder(folder):

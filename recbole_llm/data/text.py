@@ -27,6 +27,7 @@ import math
 import os
 import re
 from functools import lru_cache
+from logging import getLogger
 
 import pandas as pd
 
@@ -187,12 +188,17 @@ class TextSideInformation:
                 for f in template.fields
             }
             if not template.is_empty_for(values):
-                texts[internal] = template.render(values, missing) or None
+                rendered = template.render(values, missing)
+                texts[internal] = rendered if rendered and rendered.strip() else None
         texts[0] = ""
-        self.fallback_count = 0
-        for internal in range(1, len(texts)):
-            if not texts[internal]:
-                texts[internal] = fallback.format(kind=kind, id=id2token[internal])
-                self.fallback_count += 1
+        fallen_back = [internal for internal in range(1, len(texts)) if not texts[internal]]
+        for internal in fallen_back:
+            texts[internal] = fallback.format(kind=kind, id=id2token[internal])
+        self.fallback_count = len(fallen_back)
+        if fallen_back:
+            getLogger().warning(
+                f"{len(fallen_back)} {kind}(s) of {self.config['dataset']}.{kind} have no text under {template_key} "
+                f"(empty, whitespace only or absent from the file), e.g. {kind} "
+                f"{[id2token[i] for i in fallen_back[:5]]}; they get text_fallback {fallback!r}")
         return texts
 

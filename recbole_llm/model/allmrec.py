@@ -103,6 +103,7 @@ class ALLMRec(SequentialRecommender):
         # training histories: negatives exclude them; item counts decide cold items
         histories = user_histories(dataset)
         self.history_sets = [set(h.tolist()) for h in histories]
+        self._check_candidates_fit(dataset)
         counts = np.bincount(np.concatenate(histories + [np.zeros(0, dtype=np.int64)]), minlength=self.n_items)
         warm = torch.from_numpy(counts >= int(config["cold_item_threshold"]))
         warm[0] = False
@@ -319,6 +320,18 @@ class ALLMRec(SequentialRecommender):
     def _user_vectors(self, interaction):
         return self.backbone.user_representation(
             interaction[self.USER_ID], interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+
+    def _check_candidates_fit(self, dataset):
+        """A candidate list is the target plus ``num_candidates - 1`` items outside the user's
+        training history: refuse, before any training, data where some user lacks that many."""
+        sizes = [len(h - {0}) for h in self.history_sets]
+        user = int(np.argmax(sizes)) if sizes else 0
+        outside = self.n_items - 1 - (sizes[user] if sizes else 0)
+        if outside < self.num_candidates:
+            token = dataset.field2id_token[dataset.uid_field][user]
+            raise ValueError(
+                f"num_candidates={self.num_candidates} does not fit: user {token} has only {outside} items outside "
+                f"their training history (the target among them); lower num_candidates")
 
     # -- stage 1 ----------------------------------------------------------------------------------
 

@@ -147,7 +147,7 @@ class ALLMRecTrainer(CheckpointSafeMixin, Trainer):
 
     def resume_checkpoint(self, resume_file):
         """Continue after the epoch a checkpoint was written at, in that epoch's stage."""
-        checkpoint = load_checkpoint(resume_file, self.device)
+        checkpoint = load_checkpoint(resume_file, self.device, self.config["model"])
         self.saved_model_file = str(resume_file)
         self.start_epoch = checkpoint["epoch"] + 1
         self.cur_step = checkpoint["cur_step"]
