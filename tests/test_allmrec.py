@@ -321,3 +321,29 @@ def test_generate_answers_a_question_about_the_user_with_the_soft_tokens_in_the_
                                      question="Which genres does this user like?")
     question_ids = model._text_ids(" in the previous. Which genres does this user like?")
     torch.testing.assert_close(prompt[-len(question_ids):], model.llm.get_input_embeddings()(torch.tensor(question_ids)))
+
+
+def test_interrupted_stage_two_resumes_to_the_same_model(shared_cache):
+    settings = dict(stage1_epochs=1, stage2_epochs=2, stage2_lr=0.05)
+    _, model, trainer, train_data, test_data = _setup(shared_cache, **settings)
+    trainer.fit(train_data, saved=True)
+    batch = next(iter(test_data))[0]
+    uninterrupted = model.predict(batch)
+
+    _, _, killed, _, _ = _setup(shared_cache, **settings)
+    save = killed._save_checkpoint
+
+    def save_then_die(epoch, *args, **kwargs):
+        save(epoch, *args, **kwargs)
+        if epoch == 1:  # global epoch 1: the first stage-2 epoch
+            raise KeyboardInterrupt
+
+    killed._save_checkpoint = save_then_die
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit(train_data, saved=True)
+    _, resumed_model, resumed, _, _ = _setup(shared_cache, **settings)
+    resumed.resume_checkpoint(killed.saved_model_file)
+    assert resumed.start_epoch == 2
+    resumed.fit(train_data, saved=True)
+    assert [stage for stage, _, _ in resumed.epoch_losses] == [2]  # only the missing epoch ran
+    torch.testing.assert_close(resumed_model.predict(batch), uninterrupted)

@@ -139,3 +139,13 @@ def test_embedded_causal_lm_smoke():
     with torch.no_grad():
         next_token = model(**batch).logits[0, -1].argmax()
     assert "Paris" in tokenizer.decode(next_token)
+
+
+def test_loading_or_creating_a_model_leaves_the_seeded_rng_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECBOLE_LLM_HOME", str(tmp_path))  # empty: the tiny models are created now
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    models.load_causal_lm("tiny-random-llama", dtype="float32")
+    models.load_sentence_encoder("tiny-random-sentence")
+    assert torch.equal(torch.rand(3), expected)

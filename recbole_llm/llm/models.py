@@ -13,6 +13,7 @@ A model name is one of:
 Loading is slow for GGUF files (dequantisation); the dequantised model is written once to the
 model cache (``$RECBOLE_LLM_HOME``, default ``~/.cache/recbole_llm``) and loaded from there after.
 """
+import functools
 import importlib
 import importlib.util
 import os
@@ -20,7 +21,6 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass
-from functools import lru_cache
 from logging import getLogger
 from pathlib import Path
 
@@ -81,6 +81,18 @@ def _slug(name):
     return re.sub(r"[^A-Za-z0-9_.-]+", "--", name).strip("-")
 
 
+def _rng_neutral(load):
+    """Loading (or, for tiny test models, first creating) a model must not move the caller's
+    seeded torch RNG: otherwise a run's initial weights depend on whether a model was already
+    cached on disk, and two runs with one seed differ."""
+    @functools.wraps(load)
+    def wrapper(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return load(*args, **kwargs)
+    return wrapper
+
+
+@_rng_neutral
 def resolve(name):
     """Where the weights of ``name`` are, without loading them."""
     if not isinstance(name, str) or not name.strip():
@@ -166,6 +178,7 @@ def set_threads(threads):
         torch.set_num_threads(int(threads))
 
 
+@_rng_neutral
 def load_sentence_encoder(name, device="cpu"):
     """A ``SentenceTransformer`` for ``name`` (trainable module; callers freeze it if they want)."""
     resolved = resolve(name)
@@ -179,6 +192,7 @@ def load_sentence_encoder(name, device="cpu"):
         raise _offline_hint(name, error) from error
 
 
+@_rng_neutral
 def load_causal_lm(name, dtype="auto", device="cpu"):
     """``(model, tokenizer)`` for a causal LLM, in eval mode, with a pad token set."""
     resolved = resolve(name)
@@ -199,7 +213,8 @@ def load_causal_lm(name, dtype="auto", device="cpu"):
     return model, tokenizer
 
 
-@lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
+@_rng_neutral
 def _dequantised_copy(resolved):
     """Folder holding the GGUF model dequantised to a normal transformers checkpoint (made once)."""
     target = model_home() / "models" / _slug(resolved.identity)
