@@ -7,7 +7,7 @@ import torch
 
 from recbole_llm.config import Config
 from recbole_llm.data.episodes import SCENARIOS, TEST, TRAIN, VALID
-from recbole_llm.trainer.episodic import graded_ndcg
+from recbole_llm.trainer.episodic import graded_ndcg, rank_correlation
 from recbole_llm.utils import create_dataset, data_preparation, get_model, get_trainer
 from tests.conftest import ML_TINY_YAML, TINY_META, tiny_config
 
@@ -125,7 +125,8 @@ def test_evaluation_adapts_but_keeps_meta_weights():
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = trainer.evaluate(valid, load_best_model=False)
-    assert set(result) == {"mae", "ndcg@3"} and 0 < result["mae"] < 4 and 0 < result["ndcg@3"] <= 1
+    assert set(result) == {"mae", "ndcg@3", "spearman", "spearman_before", "spread"}
+    assert 0 < result["mae"] < 4 and 0 < result["ndcg@3"] <= 1 and -1 <= result["spearman"] <= 1
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
     task = dataset.episodes[VALID][0]
@@ -189,3 +190,82 @@ def test_causal_llm_text_source_and_text_fallback():
     assert model.item_text[1:].std(0).mean() == pytest.approx(1.0, abs=0.05)  # standardised
     model.calculate_loss(dataset.episodes[TRAIN][0]).backward()
     assert model.item_proj.weight.grad.abs().sum() > 0
+
+
+def test_rank_correlation_by_hand():
+    assert rank_correlation([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert rank_correlation([3, 2, 1], [10, 20, 30]) == pytest.approx(-1.0)
+    assert rank_correlation([4.0, 4.0, 4.0], [1, 2, 5]) == 0.0  # a constant prediction ranks nothing
+    # ties take their average rank: ranks (1.5, 1.5, 3) against (1, 2, 3) -> rho = 0.866
+    assert rank_correlation([1, 1, 2], [1, 2, 3]) == pytest.approx(math.sqrt(3) / 2)
+
+
+def test_constant_predictor_ndcg_equals_its_expectation_over_orders():
+    true = [5, 1, 3]
+    orders = [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]
+    by_order = [graded_ndcg([3 - order.index(i) for i in range(3)], true, k=3) for order in orders]
+    assert graded_ndcg([4.0, 4.0, 4.0], true, k=3) == pytest.approx(np.mean(by_order))
+
+
+def test_bias_only_adaptation_changes_the_output_bias_and_nothing_else():
+    _, dataset, model, _ = build(meta_backend="func", local_params="output_bias", local_update=3)
+    task = dataset.episodes[TRAIN][0]
+    weights = dict(model.estimator.named_parameters())
+    output_bias = model.adapted_names[0]
+    x_s = model.features(*model.task_tensors(task)[:2]).detach()
+    y_s = task.support_ratings
+    params = {k: p.detach().requires_grad_(k == output_bias) for k, p in weights.items()}
+    loss = model.local_loss_fn(torch.func.functional_call(model.estimator, params, (x_s,)).squeeze(-1), y_s)
+    (grad,) = torch.autograd.grad(loss, [params[output_bias]])
+    # one local step moves the output bias only: predictions shift by one constant
+    unadapted = model.adapt_and_predict(task, steps=0)
+    one_step = model.adapted_predict(x_s, y_s, model.features(*model.task_tensors(task)[3:]).detach(), 1, False)
+    shift = one_step - unadapted
+    assert torch.allclose(shift, torch.full_like(shift, -model.local_lr * grad.item()), atol=1e-5)
+    # meta-gradients still reach every weight (through the query loss), and the meta weights are unchanged
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.adapt_and_predict(task)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert model.adapted_names == [f"{len(model.estimator) - 1}.bias"]
+
+
+@pytest.mark.parametrize("options", [
+    {"local_loss_type": "MSE"},
+    {"local_params": "all_but_output_bias"},
+    {"local_params": "output_bias"},
+    {"meta_sgd": True},
+    {"local_lr": 0.05, "local_update": 8},
+])
+def test_each_inner_loop_option_trains_and_evaluates(options):
+    config, dataset, model, (train, valid, _) = build(meta_backend="func", **options)
+    task = dataset.episodes[TRAIN][0]
+    model.calculate_loss(task).backward()
+    trained = [name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert any(name.startswith("estimator.") for name in trained)
+    if options.get("meta_sgd"):
+        assert any(name.startswith("local_lrs.") for name in trained)  # the step sizes are meta-learned
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    result = trainer.evaluate(valid, load_best_model=False)
+    assert 0 < result["mae"] < 4
+
+
+def test_inner_loop_options_need_the_func_backend():
+    with pytest.raises(ValueError, match="meta_backend: func"):
+        build(meta_backend="higher", meta_sgd=True)
+    with pytest.raises(ValueError, match="local_params must be one of"):
+        build(meta_backend="func", local_params="bias")
+
+
+def test_text_shuffle_permutes_the_texts_of_one_side_only():
+    _, _, plain, _ = build()
+    _, _, shuffled, _ = build(text_shuffle=["user"])
+    assert torch.equal(plain.item_text, shuffled.item_text)
+    assert not torch.equal(plain.user_text, shuffled.user_text)
+    assert torch.equal(plain.user_text[1:].sort(0).values, shuffled.user_text[1:].sort(0).values)
+
+
+def test_melu_can_leave_a_field_out():
+    config, _, full, _ = build("MeLU")
+    _, _, fair, _ = build("MeLU", meta_exclude_fields=["release_year"])
+    assert "item_release_year" in full.embeddings and "item_release_year" not in fair.embeddings
+    assert fair.estimator[0].in_features == full.estimator[0].in_features - int(config["embedding_size"])

@@ -14,6 +14,7 @@ from recbole.utils import InputType, ModelType
 class EpisodicRecommender(GeneralRecommender):
     type = ModelType.GENERAL
     input_type = InputType.POINTWISE
+    adapts_locally = False  # True: ``adapt_and_predict(task, steps=0)`` gives the un-adapted predictions
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)

@@ -7,6 +7,11 @@ times a bias-free linear layer divided by the number of active values. The conca
 embeddings feed the same estimator and meta-learning code as MetaLLMRec
 (``meta_estimator.MetaEstimator``), so the two differ only in their input representation.
 MeLU-1 and MeLU-5 are ``local_update: 1`` and ``local_update: 5``.
+
+``meta_exclude_fields`` leaves fields out of MeLU's input while the dataset keeps them (the
+ml-100k scenarios need ``release_year`` to pick the cold items). A fair MeLU on ml-100k excludes
+``release_year``: MeLU's own MovieLens attributes have no year, and every cold item's year
+(1997/1998) is a row that meta-training never updates.
 """
 import torch
 from recbole.utils import FeatureType
@@ -21,9 +26,10 @@ class MeLU(MetaEstimator):
         d = int(config["embedding_size"])
         self.fields = []
         self.embeddings = nn.ModuleDict()
+        excluded = set(config["meta_exclude_fields"] or [])
         for kind, key in (("item", "meta_item_fields"), ("user", "meta_user_fields")):
             feat = dataset.item_feat if kind == "item" else dataset.user_feat
-            for field in config[key] or []:
+            for field in [f for f in config[key] or [] if f not in excluded]:
                 if feat is None or field not in feat:
                     raise KeyError(f"MeLU: {key} names [{field}], which the dataset's .{kind} file does not provide")
                 ftype = dataset.field2type[field]

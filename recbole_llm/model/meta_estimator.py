@@ -17,9 +17,17 @@ copies via ``higher.innerloop_ctx`` with ``copy_initial_weights=False``, otherwi
 weights get no gradient) and ``func`` (``torch.func.functional_call`` and a hand-written SGD
 step), a fallback that needs nothing but torch. They compute the same function.
 
-Loss (inner and outer): ``loss_type: L1`` (the paper's) or ``MSE`` (MeLU's).
+Loss: ``loss_type: L1`` (the paper's) or ``MSE`` (MeLU's) for the meta (query) loss and, unless
+``local_loss_type`` says otherwise, the local one. With L1 the local gradient on the output bias
+is the mean sign of the errors, so local steps mostly find the user's median rating.
 The output bias starts at the mean meta-training rating, so the untrained model predicts the
 global mean rather than 0.
+
+Inner-loop options (``func`` backend; the paper's setting is ``local_params: all``,
+``meta_sgd: False``): ``local_params`` adapts ``all`` estimator weights, only the
+``output_bias`` (a per-user rating offset: the ablation that tells an offset from a preference),
+or ``all_but_output_bias``; ``meta_sgd: True`` meta-learns one local learning rate per weight
+(Meta-SGD, Li et al. 2017), initialised at ``local_lr``.
 """
 import higher
 import torch
@@ -29,6 +37,7 @@ from torch.func import functional_call
 from recbole_llm.model.episodic import EpisodicRecommender
 
 BACKENDS = ("higher", "func")
+LOCAL_PARAMS = ("all", "output_bias", "all_but_output_bias")
 LOSSES = {"L1": nn.functional.l1_loss, "MSE": nn.functional.mse_loss}
 
 
@@ -37,6 +46,8 @@ def _detach_grads(grads):
 
 
 class MetaEstimator(EpisodicRecommender):
+    adapts_locally = True
+
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.local_lr = float(config["local_lr"])
@@ -47,10 +58,19 @@ class MetaEstimator(EpisodicRecommender):
         self.meta_backend = config["meta_backend"] or "higher"
         if self.meta_backend not in BACKENDS:
             raise ValueError(f"meta_backend must be one of {BACKENDS}, got {self.meta_backend!r}")
-        loss_type = (config["loss_type"] or "L1").upper()
-        if loss_type not in LOSSES:
-            raise ValueError(f"loss_type must be one of {sorted(LOSSES)} for {type(self).__name__}, got {loss_type!r}")
-        self.loss_fn = LOSSES[loss_type]
+        self.loss_fn = self._loss("loss_type", config["loss_type"] or "L1")
+        self.local_loss_fn = self._loss("local_loss_type", config["local_loss_type"] or config["loss_type"] or "L1")
+        self.local_params = config["local_params"] or "all"
+        if self.local_params not in LOCAL_PARAMS:
+            raise ValueError(f"local_params must be one of {LOCAL_PARAMS}, got {self.local_params!r}")
+        self.meta_sgd = bool(config["meta_sgd"])
+        if self.meta_backend == "higher" and (self.local_params != "all" or self.meta_sgd):
+            raise ValueError("local_params other than 'all' and meta_sgd need meta_backend: func")
+
+    def _loss(self, key, name):
+        if str(name).upper() not in LOSSES:
+            raise ValueError(f"{key} must be one of {sorted(LOSSES)} for {type(self).__name__}, got {name!r}")
+        return LOSSES[str(name).upper()]
 
     def build_estimator(self, in_dim, hidden_sizes):
         """The locally adapted MLP; its output bias starts at the mean training rating."""
@@ -62,6 +82,14 @@ class MetaEstimator(EpisodicRecommender):
         self.estimator = nn.Sequential(*layers)
         with torch.no_grad():
             out.bias.fill_(self.rating_mean)
+        output_bias = f"{len(layers) - 1}.bias"
+        names = [name for name, _ in self.estimator.named_parameters()]
+        self.adapted_names = {"all": names, "output_bias": [output_bias],
+                              "all_but_output_bias": [n for n in names if n != output_bias]}[self.local_params]
+        if self.meta_sgd:
+            weights = dict(self.estimator.named_parameters())
+            self.local_lrs = nn.ParameterDict({name.replace(".", "_"): nn.Parameter(torch.full_like(weights[name], self.local_lr))
+                                               for name in self.adapted_names})
 
     def features(self, users, items):
         """[n, in_dim] global input of the estimator for (user, item) pairs (subclasses)."""
@@ -87,23 +115,25 @@ class MetaEstimator(EpisodicRecommender):
         with higher.innerloop_ctx(self.estimator, inner_opt, copy_initial_weights=False,
                                   track_higher_grads=track) as (fmodel, diffopt):
             for _ in range(steps):
-                diffopt.step(self.loss_fn(fmodel(x_s).squeeze(-1), y_s), grad_callback=callback)
+                diffopt.step(self.local_loss_fn(fmodel(x_s).squeeze(-1), y_s), grad_callback=callback)
             out = fmodel(x_q).squeeze(-1)
         return out if track else out.detach()
 
+    def _step_size(self, name):
+        return self.local_lrs[name.replace(".", "_")] if self.meta_sgd else self.local_lr
+
     def _adapt_func(self, x_s, y_s, x_q, steps, track):
         params = dict(self.estimator.named_parameters())
-        if not track:
-            params = {k: p.detach().requires_grad_(True) for k, p in params.items()}
+        names = self.adapted_names
         create_graph = track and not self.first_order
         for _ in range(steps):
-            loss = self.loss_fn(functional_call(self.estimator, params, (x_s,)).squeeze(-1), y_s)
-            grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
             if not track:
+                params = {k: p.detach().requires_grad_(k in names) for k, p in params.items()}
+            loss = self.local_loss_fn(functional_call(self.estimator, params, (x_s,)).squeeze(-1), y_s)
+            grads = torch.autograd.grad(loss, [params[k] for k in names], create_graph=create_graph)
+            if not create_graph:
                 grads = _detach_grads(grads)
-            params = {k: p - self.local_lr * g for (k, p), g in zip(params.items(), grads)}
-            if not track:
-                params = {k: p.detach().requires_grad_(True) for k, p in params.items()}
+            params = {**params, **{k: params[k] - self._step_size(k) * g for k, g in zip(names, grads)}}
         out = functional_call(self.estimator, params, (x_q,)).squeeze(-1)
         return out if track else out.detach()
 
@@ -117,13 +147,15 @@ class MetaEstimator(EpisodicRecommender):
         pred = self.adapted_predict(x_s, y_s, x_q, self.local_update, track_meta_grads=True)
         return self.loss_fn(pred, task.query_ratings.to(self.device))
 
-    def adapt_and_predict(self, task):
-        """Query ratings predicted after adapting on the task's support set (meta weights kept)."""
+    def adapt_and_predict(self, task, steps=None):
+        """Query ratings predicted after adapting on the task's support set (meta weights kept);
+        ``steps`` local steps (default ``local_update_eval``; 0: the un-adapted estimator)."""
         users_s, items_s, y_s, users_q, items_q = self.task_tensors(task)
+        steps = self.local_update_eval if steps is None else steps
         with torch.enable_grad():
             x_s = self.features(users_s, items_s).detach()
             x_q = self.features(users_q, items_q).detach()
-            return self.adapted_predict(x_s, y_s, x_q, self.local_update_eval, track_meta_grads=False)
+            return self.adapted_predict(x_s, y_s, x_q, steps, track_meta_grads=False)
 
     def predict(self, interaction):
         """Ratings of the un-adapted (global) estimator for the pairs of an Interaction."""

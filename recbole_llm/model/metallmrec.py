@@ -8,7 +8,8 @@ by the dataset (``dataset.text_embeddings``). The embeddings are frozen, non-per
 they stay out of the optimizer and of checkpoints and are read again (from the cache) when a model
 is built.
 
-With ``text_standardize`` each embedding dimension is z-scored over the users (items) first.
+``text_shuffle: [user]`` (or ``[item]``) permutes the rows of that table (seeded): an ablation
+that measures what the texts carry. With ``text_standardize`` each embedding dimension is z-scored over the users (items) first.
 Features of a pair are ``[item_proj(e_item) ; user_proj(e_user)]`` with two global linear
 projections (``proj_dim``; 0 feeds the raw embeddings); the MLP estimator on top is adapted per
 user with MAML (``meta_estimator.MetaEstimator``). The paper does not give the projection size,
@@ -28,6 +29,9 @@ class MetaLLMRec(MetaEstimator):
         source = config["text_source"] or "encoder"
         if source not in TEXT_SOURCES:
             raise ValueError(f"text_source must be one of {sorted(TEXT_SOURCES)}, got {source!r}")
+        shuffled = list(config["text_shuffle"] or [])
+        if set(shuffled) - {"user", "item"}:
+            raise ValueError(f"text_shuffle lists 'user' and/or 'item', got {shuffled!r}")
         for kind in ("user", "item"):
             key = config[f"meta_{kind}_text_key"] or f"{kind}_text_template"
             if config[key] is None:
@@ -39,6 +43,9 @@ class MetaLLMRec(MetaEstimator):
                 rows = table[1:]
                 rows = (rows - rows.mean(0)) / rows.std(0).clamp(min=1e-6)
                 table = torch.cat([torch.zeros(1, rows.shape[1]), rows])
+            if kind in shuffled:  # ablation: every user (item) gets another one's text
+                generator = torch.Generator().manual_seed(int(config["seed"]))
+                table = torch.cat([table[:1], table[1:][torch.randperm(len(table) - 1, generator=generator)]])
             self.register_buffer(f"{kind}_text", table.to(self.device), persistent=False)
         text_dim = self.item_text.shape[1]
         proj_dim = int(config["proj_dim"])

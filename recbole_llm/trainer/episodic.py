@@ -18,6 +18,13 @@ touching the meta-parameters. Metrics:
   sorted by true rating; the mean over tasks is reported. RecBole's NDCG is binary and cannot be
   combined with MAE in one metrics list, hence our own.
 
+Diagnostics (reported next to them, means over tasks): ``spearman``, the rank correlation of
+predicted and true query ratings within a task (0 for a constant prediction); for models that
+adapt locally, ``spearman_before`` of the un-adapted estimator, so ``spearman - spearman_before``
+is what adaptation adds to the ranking within a task; ``spread``, the standard deviation of the
+predictions within a task over that of the true ratings (tasks whose ratings all agree are left
+out): a per-user offset has spread 0.
+
 Models trained here are ``EpisodicRecommender``s: ``calculate_loss(task)`` and
 ``adapt_and_predict(task)``.
 """
@@ -29,6 +36,7 @@ import torch
 from recbole.evaluator.collector import DataStruct
 from recbole.trainer import Trainer
 from recbole.utils import set_color
+from scipy.stats import rankdata
 from tqdm import tqdm
 
 from recbole_llm.checkpoint import CheckpointSafeMixin
@@ -53,6 +61,14 @@ def graded_ndcg(predicted, true, k=3):
     return dcg / idcg if idcg > 0 else 0.0
 
 
+def rank_correlation(predicted, true):
+    """Spearman's rho (average ranks for ties); 0 when either side is constant."""
+    a, b = rankdata(predicted), rankdata(true)
+    a, b = a - a.mean(), b - b.mean()
+    norm = math.sqrt(float((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / norm) if norm > 0 else 0.0
+
+
 class TaskEvaluation(CheckpointSafeMixin):
     """``evaluate`` over ``episodes.TaskDataLoader``s; subclasses define ``predict_task(task)``."""
 
@@ -66,16 +82,25 @@ class TaskEvaluation(CheckpointSafeMixin):
             self._load_best_into_model(model_file)
         self.model.eval()
         k = int(self.config["meta_ndcg_k"] or 3)
-        struct, ndcgs = DataStruct(), []
+        struct, per_task = DataStruct(), {f"ndcg@{k}": [], "spearman": [], "spearman_before": [], "spread": []}
         batches = tqdm(eval_data, desc=set_color("Evaluate   ", "pink"), ncols=100) if show_progress else eval_data
         for tasks in batches:
             for task in tasks:
                 pred = self.predict_task(task).detach().float().cpu()
+                true = task.query_ratings.float()
                 struct.update_tensor("rec.score", pred)
                 struct.update_tensor("data.label", task.query_ratings)
-                ndcgs.append(graded_ndcg(pred.numpy(), task.query_ratings.numpy(), k))
+                per_task[f"ndcg@{k}"].append(graded_ndcg(pred.numpy(), true.numpy(), k))
+                per_task["spearman"].append(rank_correlation(pred.numpy(), true.numpy()))
+                if getattr(self.model, "adapts_locally", False):
+                    before = self.model.adapt_and_predict(task, steps=0).detach().float().cpu()
+                    per_task["spearman_before"].append(rank_correlation(before.numpy(), true.numpy()))
+                if true.std() > 0:
+                    per_task["spread"].append(float(pred.std() / true.std()))
         result = self.evaluator.evaluate(struct)
-        result[f"ndcg@{k}"] = round(float(np.mean(ndcgs)), self.config["metric_decimal_place"])
+        for name, values in per_task.items():
+            if values:
+                result[name] = round(float(np.mean(values)), self.config["metric_decimal_place"])
         return OrderedDict(result)
 
 
