@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from scipy.stats import t as t_dist
 
 from benchmarks.common import cpu_description, parse_scoped_sets, parse_sets, write_report
 from recbole_llm.data.episodes import SCENARIOS
@@ -42,8 +43,22 @@ METHODS = {
     # variants: 10 local steps at evaluation (5 during meta-training)
     "MeLU-5-eval10": ("MeLU", {"local_update": 5, "local_update_eval": 10}),
     "MetaLLMRec-eval10": ("MetaLLMRec", {"local_update_eval": 10}),
+    # a fair MeLU: no release year (never trained for a cold item, and not one of MeLU's attributes)
+    "MeLU-5-fair": ("MeLU", {"local_update": 5, "meta_exclude_fields": ["release_year"]}),
+    # the inner loop: what does local adaptation learn?
+    "MetaLLMRec-bias": ("MetaLLMRec", {"meta_backend": "func", "local_params": "output_bias"}),
+    "MetaLLMRec-nobias": ("MetaLLMRec", {"meta_backend": "func", "local_params": "all_but_output_bias"}),
+    "MetaLLMRec-MSE": ("MetaLLMRec", {"local_loss_type": "MSE"}),
+    "MetaLLMRec-lr0.05x20": ("MetaLLMRec", {"local_lr": 0.05, "local_update": 20}),
+    "MetaLLMRec-MetaSGD": ("MetaLLMRec", {"meta_backend": "func", "meta_sgd": True}),
+    # what the texts carry: every user's (item's) text given to another
+    "MetaLLMRec-shuffle-user": ("MetaLLMRec", {"text_shuffle": ["user"]}),
+    "MetaLLMRec-shuffle-item": ("MetaLLMRec", {"text_shuffle": ["item"]}),
+    # another text encoder: mean-pooled last hidden states of the embedded causal LLM
+    "MetaLLMRec-SmolLM2": ("MetaLLMRec", {"text_source": "llm", "llm": "SmolLM2-135M-Instruct"}),
 }
 METRICS = ("mae", "ndcg@3")
+DIAGNOSTICS = ("spearman_before", "spearman", "spread")
 
 
 def run_one(method, dataset, seed, overrides):
@@ -77,6 +92,62 @@ def table(runs, methods):
                 cells.append(f"{values.mean():.4f} ± {values.std(ddof=1) if len(values) > 1 else 0:.4f}")
             lines.append(f"| {scenario} | {method} | {cells[0]} | {cells[1]} | {len(found)} |")
     return "\n".join(lines)
+
+
+def interval(values):
+    """``(mean, half-width of the 95% t interval over runs)``."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return float(values.mean()), float("nan")
+    return float(values.mean()), float(t_dist.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
+
+
+def diagnostics(runs, methods):
+    """Per scenario and method: within-task Spearman before and after local adaptation, what
+    adaptation adds (paired per run, 95% t interval over runs), and the within-task spread."""
+    lines = ["| scenario | method | Spearman before adaptation | Spearman after | gain from adaptation (95% CI) | spread (pred std / true std) | runs |",
+             "|---|---|---|---|---|---|---|"]
+    for scenario in SCENARIOS:
+        for method in methods:
+            found = [r["scenarios"][scenario] for r in runs if r["method"] == method and scenario in r["scenarios"]
+                     and "spearman" in r["scenarios"][scenario]]
+            if not found:
+                continue
+            after = [f["spearman"] for f in found]
+            spread = [f["spread"] for f in found]
+            if "spearman_before" in found[0]:
+                before = [f["spearman_before"] for f in found]
+                gain, half = interval(np.subtract(after, before))
+                before_cell, gain_cell = f"{np.mean(before):.3f}", f"{gain:+.3f} ± {half:.3f}"
+            else:
+                before_cell = gain_cell = "-"
+            lines.append(f"| {scenario} | {method} | {before_cell} | {np.mean(after):.3f} | {gain_cell} | "
+                         f"{np.mean(spread):.3f} | {len(found)} |")
+    return "\n".join(lines)
+
+
+def rival_check(runs, ours, rivals):
+    """Issue-16 goal, per cold scenario and rival: ``ours`` lower in MAE and higher in nDCG@3?
+    Paired differences per run with a 95% t interval."""
+    lines = [f"| scenario | rival | {ours} MAE | rival MAE | MAE difference (95% CI) | {ours} nDCG@3 | rival nDCG@3 | nDCG@3 difference (95% CI) | both better? |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    by = lambda method, scenario, metric: {r.get("fold", r["seed"]): r["scenarios"][scenario][metric]  # noqa: E731
+                                           for r in runs if r["method"] == method and scenario in r["scenarios"]}
+    for scenario in SCENARIOS[1:]:
+        for rival in rivals:
+            cells, better = [], []
+            for metric, sign in (("mae", -1), ("ndcg@3", 1)):
+                mine, theirs = by(ours, scenario, metric), by(rival, scenario, metric)
+                seeds = sorted(set(mine) & set(theirs))
+                if not seeds:
+                    break
+                diff, half = interval([mine[k] - theirs[k] for k in seeds])
+                cells += [f"{np.mean([mine[k] for k in seeds]):.4f}", f"{np.mean([theirs[k] for k in seeds]):.4f}",
+                          f"{diff:+.4f} ± {half:.4f}"]
+                better.append(sign * diff > 0)
+            if len(better) == 2:
+                lines.append(f"| {scenario} | {rival} | " + " | ".join(cells) + f" | {'yes' if all(better) else 'no'} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def goal_check(runs, ours_name="MetaLLMRec", melu_names=("MeLU-1", "MeLU-5")):
@@ -137,7 +208,8 @@ def main():
                                                    "user_cold_folds": args.folds, "user_cold_fold": fold}
             if path.is_file():
                 run = json.loads(path.read_text())
-                if all(run["config"].get(k) == v for k, v in overrides.items()):
+                current = all("spearman" in values for values in run["scenarios"].values())  # has the diagnostics
+                if current and all(run["config"].get(k) == v for k, v in overrides.items()):
                     runs.append(run)
                     print(f"[reuse] {path.name}", flush=True)
                     continue
@@ -163,6 +235,16 @@ def main():
         "Per-run JSON (config, validation result, time): " + f"`{runs_dir.relative_to(root) if runs_dir.is_relative_to(root) else runs_dir}/`.",
         "",
         table(runs, args.methods),
+        "",
+        "Diagnostics (means over the test tasks of a scenario, then over runs): the rank correlation of"
+        " predicted and true ratings within a task before and after local adaptation, and the spread of"
+        " the predictions within a task relative to the true ratings' (0: one value per task, an offset).",
+        "",
+        diagnostics(runs, args.methods),
+        "",
+        "Against the references (cold scenarios; paired per run, 95% t interval over runs):",
+        "",
+        rival_check(runs, "MetaLLMRec", [m for m in ("MeLU-5-fair", "ItemMean", "SupportMedian") if m in args.methods]),
         "",
         "Goal check (mean MAE over runs (seeds or folds), cold scenarios; paired per run):",
         "",

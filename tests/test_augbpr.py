@@ -3,11 +3,13 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import ML_TINY_YAML, TINY_SASREC, tiny_config
 from recbole_llm.config import Config
 from recbole_llm.data import scenarios
 from recbole_llm.llm import judge as judges
+from recbole_llm.llm.scoring import score_continuations
 from recbole_llm.quick_start import objective_function
 from recbole_llm.utils import create_dataset, data_preparation, get_model
 
@@ -208,3 +210,60 @@ def test_bad_settings_are_named():
         _built(base_model="BPR", aug_score="rank")
     with pytest.raises(ValueError, match="judge must be one of"):
         _built(base_model="BPR", judge="oracle")
+
+
+def test_pointwise_judge_scores_pmi_once_per_item_and_has_no_order():
+    histories = [[], [1, 2], [3]]
+    titles = ["", "Alpha (1990)", "Beta (1991)", "Gamma (1992)", "Delta (1993)", "Epsilon (1994)"]
+    judge = judges.PointwiseLLMJudge("tiny-random-llama", histories, titles, history_len=2, dtype="float32")
+    probs = judge.score(torch.tensor([[1, 4, 5], [1, 5, 4], [2, 4, 5]]))
+    assert torch.equal(probs[:, 0], probs[:, 1])  # one number per pair: no order
+    assert probs[0, 0] == pytest.approx(1 - probs[1, 0].item(), abs=1e-6)
+    # by hand: the PMI of each text through the KV-cache scorer, one prompt at a time
+    model, tokenizer, chat, _ = judge._load()
+
+    def logp(history, item):
+        prompt = model.get_input_embeddings()(torch.tensor(tokenizer.encode(judge.ask(history), add_special_tokens=not chat)))
+        ids = tokenizer.encode(titles[item] if chat else " " + titles[item], add_special_tokens=False)
+        return score_continuations(model, prompt, [ids])[0].item()
+
+    pmi = {i: logp(["Alpha (1990)", "Beta (1991)"], i) - logp([], i) for i in (4, 5)}
+    assert probs[0, 0].item() == pytest.approx(torch.sigmoid(torch.tensor(pmi[4] - pmi[5])).item(), abs=1e-4)
+    assert probs[2, 0] != probs[0, 0]  # another history, another verdict
+
+
+def test_control_judges():
+    popularity = judges.PopularityJudge([0, 10, 1, 0], "training")
+    probs = popularity.score(torch.tensor([[0, 1, 2], [0, 2, 1], [0, 3, 3]]))
+    assert probs[0, 0] > 0.5 > probs[1, 0] and probs[2, 0] == 0.5
+    random = judges.RandomJudge(seed=3)
+    pairs = torch.tensor([[1, 2, 3], [1, 3, 2], [4, 2, 3]])
+    assert torch.equal(random.score(pairs), random.score(pairs))  # seeded by the pair
+    assert len(set(random.score(pairs)[:, 0].tolist())) == 3
+
+
+def test_soft_labels_weight_the_aux_loss_by_the_judges_probability():
+    _, _, _, model = _built(base_model="BPR", judge="embedding", aug_weight=0.5, aug_label="soft")
+    assert len(model.aug_targets) == len(model.aug_pairs) > 0
+    assert ((model.aug_targets > 0.5) & (model.aug_targets <= 1)).all()
+    pairs, targets = model.aug_pairs[:4], torch.tensor([1.0, 0.5, 0.75, 0.0])
+    users, pos, neg = pairs.T
+    margin = model.pair_scores(users, pos) - model.pair_scores(users, neg)
+    by_hand = -(targets * F.logsigmoid(margin) + (1 - targets) * F.logsigmoid(-margin)).mean()
+    assert model.aug_loss(pairs, targets).item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert model.aug_loss(pairs, torch.ones(4)).item() == pytest.approx(model.aug_loss(pairs).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("judge", ["llm_pointwise", "random"])
+def test_new_judges_run_end_to_end(judge):
+    result = objective_function(_augbpr_config(base_model="BPR", judge=judge, aug_weight=0.5), [ML_TINY_YAML])
+    assert result["extra_results"]["judging"]["first_shown_wins"] == 0.5  # order-free judges
+    assert 0 <= result["extra_results"]["judge_accuracy"]["accuracy"] <= 1
+
+
+def test_llm_judges_show_the_item_text_unless_told_titles():
+    config = Config(config_file_list=[ML_TINY_YAML], config_dict=_augbpr_config(base_model="BPR"))
+    judge = judges.judge_from_config(config, [[1, 2]] * 3, ["", "a", "b"], ["", "a (genres)", "b (genres)"])
+    assert judge.titles[1] == "a (genres)"
+    config = Config(config_file_list=[ML_TINY_YAML], config_dict=_augbpr_config(base_model="BPR", judge_item_text="title"))
+    assert judges.judge_from_config(config, [[1, 2]] * 3, ["", "a", "b"], ["", "a (genres)", "b (genres)"]).titles[1] == "a"

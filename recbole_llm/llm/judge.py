@@ -11,8 +11,16 @@ and its distance from 0.5 the confidence. This one format serves both judges and
 * ``LLMJudge``: a chat prompt listing the user's last ``judge_history_len`` item titles and the two
   candidates as options A and B; the answer is read from the next-token log-probabilities of "A"
   and "B" (no generated text is parsed). Asking in both orders cancels the LLM's position bias.
+* ``PointwiseLLMJudge``: each (user, item) scored once, without options: the PMI
+  ``log P(text | history) - log P(text | no history)`` of the item's text as the answer to "which
+  item next?", all of a user's items as branches of one forward pass over the history prompt
+  (``scoring.score_branches``); the no-history term is computed once per item. A pair is decided
+  by the score difference, ``p = sigmoid(s_a - s_b)``: no order, cost O(items) not O(pairs).
 * ``EmbeddingJudge``: cosine similarity between the sentence embedding of the history text and of
   each candidate's text (``llm/encoder.py``); order-free, so both columns are equal.
+* Controls, never methods: ``PopularityJudge`` prefers the item with more interactions in the
+  ``counts`` it is given (an item prior; benchmarks.judge_quality); ``RandomJudge`` answers at
+  random (``judge: random``: AugBPR with random labels).
 
 Judgements are cached by content (the prompts' texts and the judge's identity), computed in chunks
 that survive an interruption (``llm/cache.Cache.chunked``), with a progress bar and a throughput line.
@@ -26,9 +34,9 @@ import torch
 from recbole_llm.llm import models
 from recbole_llm.llm.cache import Cache, content_key
 from recbole_llm.llm.encoder import TextEmbedder, embed_from_config
-from recbole_llm.llm.scoring import left_pad
+from recbole_llm.llm.scoring import left_pad, score_branches
 
-JUDGES = ("llm", "embedding")
+JUDGES = ("llm", "llm_pointwise", "embedding", "random")  # what `judge` may name; PopularityJudge: benchmarks
 
 
 class LLMJudge:
@@ -36,11 +44,11 @@ class LLMJudge:
 
     def __init__(self, name, histories, titles, history_len=10, words=None, dtype="auto", device="cpu",
                  batch_size=8):
-        self.name = name
+        self.model_name = self.name = name
         self.histories = histories
         self.titles = titles
         self.history_len = int(history_len)
-        self.words = {"items": "items", "past_verb": "interacted with", "verb": "choose", **(words or {})}
+        self.words = {"item": "item", "items": "items", "past_verb": "interacted with", "verb": "choose", **(words or {})}
         self.dtype, self.device, self.batch_size = dtype, device, int(batch_size)
         self.resolved = models.resolve(name)
         self._loaded = None
@@ -70,7 +78,7 @@ class LLMJudge:
 
     def _load(self):
         if self._loaded is None:
-            model, tokenizer = models.load_causal_lm(self.name, self.dtype, self.device)
+            model, tokenizer = models.load_causal_lm(self.model_name, self.dtype, self.device)
             chat = bool(getattr(tokenizer, "chat_template", None))
             # With a chat template the answer is the assistant's first token ("A"); a plain prompt
             # ends with "Answer:" and the answer token carries a leading space (" A") if the
@@ -131,6 +139,117 @@ class LLMJudge:
         probs[:, 0] = logprobs[:, 0].softmax(-1)[:, 0]
         probs[:, 1] = logprobs[:, 1].softmax(-1)[:, 1]
         return probs
+
+
+class PointwiseLLMJudge(LLMJudge):
+    """PMI of each item's text after the user's history against after no history (see module doc)."""
+
+    chunk_size = 256
+
+    def __init__(self, *args, items_per_pass=32, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.name = f"{self.model_name}-pointwise"
+        self.items_per_pass = int(items_per_pass)
+        self._prior = {}
+
+    @property
+    def identity(self):
+        return ["llm-pointwise-judge-v1", *super().identity[1:]]
+
+    def ask(self, history_titles):
+        """The prompt whose continuation is the item's text (chat template applied if any)."""
+        _, tokenizer, chat, _ = self._load()
+        w = self.words
+        if history_titles:
+            listed = "\n".join(f"- {title}" for title in history_titles)
+            question = (f"I have {w['past_verb']} these {w['items']}, oldest first:\n{listed}\n\n"
+                        f"Name one {w['item']} I would like to {w['verb']} next.")
+        else:
+            question = f"Name one {w['item']} I would like to {w['verb']}."
+        if not chat:
+            return question + "\nAnswer:"
+        return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True)
+
+    @torch.no_grad()
+    def log_likelihoods(self, history_titles, items):
+        """``log P(text_i | prompt)`` of ``items`` after the prompt of ``history_titles``."""
+        model, tokenizer, chat, _ = self._load()
+        prompt_ids = torch.tensor(tokenizer.encode(self.ask(history_titles), add_special_tokens=not chat))
+        prompt = model.get_input_embeddings()(prompt_ids.to(self.device))
+        out = []
+        for start in range(0, len(items), self.items_per_pass):
+            chunk = items[start:start + self.items_per_pass]
+            texts = [tokenizer.encode(" " + self.titles[i] if not chat else self.titles[i], add_special_tokens=False)
+                     for i in chunk]
+            out.append(score_branches(model, [prompt], [texts])[0].float().cpu())
+        return torch.cat(out)
+
+    def prior(self, items):
+        missing = sorted({i for i in items if i not in self._prior})
+        if missing:
+            self._prior.update(zip(missing, self.log_likelihoods([], missing).tolist()))
+        return torch.tensor([self._prior[i] for i in items])
+
+    def score(self, pairs):
+        probs = torch.empty(len(pairs), 2)
+        by_user = {}
+        for row, (user, a, b) in enumerate(pairs.tolist()):
+            by_user.setdefault(user, []).append((row, a, b))
+        for user, rows in by_user.items():
+            items = sorted({i for _, a, b in rows for i in (a, b)})
+            pmi = self.log_likelihoods(list(self._history_titles(user)), items) - self.prior(items)
+            score = dict(zip(items, pmi.tolist()))
+            for row, a, b in rows:
+                probs[row] = torch.sigmoid(torch.tensor(score[a] - score[b]))
+        return probs
+
+
+class PopularityJudge:
+    """Control: prefers the item with more interactions in ``counts``; ``p = sigmoid(log(1 + c_a)
+    - log(1 + c_b))``, order-free."""
+
+    chunk_size = 1 << 20
+
+    def __init__(self, counts, source):
+        self.counts = torch.as_tensor(counts, dtype=torch.float64)
+        self.name = f"popularity-{source}"
+        self.source = source
+
+    @property
+    def identity(self):
+        return ["popularity-judge-v1", self.source, self.counts.tolist()]
+
+    def describe(self, pairs):
+        return pairs.tolist()
+
+    def score(self, pairs):
+        u, a, b = torch.as_tensor(pairs).T
+        p = torch.sigmoid(torch.log1p(self.counts[a]) - torch.log1p(self.counts[b])).float()
+        return torch.stack([p, p], dim=1)
+
+
+class RandomJudge:
+    """Control: a uniform random probability per pair (seeded by the pair), order-free."""
+
+    chunk_size = 1 << 20
+    name = "random"
+
+    def __init__(self, seed):
+        self.seed = int(seed)
+
+    @property
+    def identity(self):
+        return ["random-judge-v1", self.seed]
+
+    def describe(self, pairs):
+        return pairs.tolist()
+
+    def score(self, pairs):
+        rows = torch.as_tensor(pairs, dtype=torch.long)
+        mixed = (rows[:, 0] * 1_000_003 + rows[:, 1] * 10_007 + rows[:, 2] + self.seed * 7_919) % (2 ** 31 - 1)
+        p = torch.tensor([float(torch.rand(1, generator=torch.Generator().manual_seed(int(m)))) for m in mixed])
+        return torch.stack([p, p], dim=1)
 
 
 class EmbeddingJudge:
@@ -275,21 +394,30 @@ def truth_pairs(held_out, interacted, candidates, histories, min_history, max_pa
 
 
 def judge_from_config(config, histories, item_titles, item_texts):
-    """The judge named by ``judge`` (llm | embedding) with the run's model and prompt settings."""
+    """The judge named by ``judge`` with the run's model and prompt settings; LLM judges show
+    each item as its ``item_text_template`` text (``judge_item_text: text``, the embedding
+    judge's input too) or its title (``title``)."""
     kind = config["judge"]
     if kind not in JUDGES:
         raise ValueError(f"judge must be one of {JUDGES}, got {kind!r}")
     history_len = int(config["judge_history_len"])
     if history_len < 1:
         raise ValueError(f"judge_history_len must be at least 1, got {history_len}")
-    if kind == "llm":
+    if kind == "random":
+        return RandomJudge(config["aug_seed"])
+    if kind in ("llm", "llm_pointwise"):
         words = {key: config[f"prompt_{name}"] for key, name in
-                 (("items", "items_noun"), ("past_verb", "past_verb"), ("verb", "verb")) if config[f"prompt_{name}"]}
+                 (("item", "item_noun"), ("items", "items_noun"), ("past_verb", "past_verb"), ("verb", "verb"))
+                 if config[f"prompt_{name}"]}
         dtype = config["judge_dtype"] or "float32"
         if dtype == "auto":
             dtype = config["llm_dtype"] or "auto"
-        return LLMJudge(config["llm"], histories, item_titles, history_len, words, dtype=dtype,
-                        device=config["device"], batch_size=config["judge_batch_size"])
+        shown = {"text": item_texts, "title": item_titles}.get(config["judge_item_text"] or "text")
+        if shown is None:
+            raise ValueError(f"judge_item_text must be 'text' or 'title', got {config['judge_item_text']!r}")
+        judge_class = LLMJudge if kind == "llm" else PointwiseLLMJudge
+        return judge_class(config["llm"], histories, shown, history_len, words, dtype=dtype,
+                           device=config["device"], batch_size=config["judge_batch_size"])
     identity = TextEmbedder(config["text_encoder"], config["text_pooling"] or "auto", max_length=config["text_max_length"] or 256,
                             normalize=bool(config["text_normalize"])).identity
     return EmbeddingJudge(lambda texts: embed_from_config(config, texts, namespace="judge"), identity,

@@ -114,13 +114,17 @@ class AugBPR(AbstractRecommender):
         self.judge = judges.judge_from_config(config, self.histories, dataset.texts("item", title_key),
                                               dataset.texts("item", "item_text_template"))
 
+        self.aug_label = config["aug_label"] or "hard"
+        if self.aug_label not in ("hard", "soft"):
+            raise ValueError(f"aug_label must be 'hard' or 'soft', got {self.aug_label!r}")
         self.judge_report = None
         if self.aug_weight == 0:  # the base model alone: nothing to judge
-            judged = torch.zeros(0, 3, dtype=torch.long)
+            judged, winner_prob = torch.zeros(0, 3, dtype=torch.long), torch.zeros(0)
             self.logger.info("AugBPR with aug_weight 0: the base model alone, no pairs judged")
         else:
-            judged = self._judged_pairs(config)
+            judged, winner_prob = self._judged_pairs(config)
         self.register_buffer("aug_pairs", judged.to(self.device), persistent=False)
+        self.register_buffer("aug_targets", winner_prob.to(self.device), persistent=False)
 
         if self.type == ModelType.SEQUENTIAL:
             self._register_sequences(config)
@@ -137,13 +141,15 @@ class AugBPR(AbstractRecommender):
         pairs = judges.sample_pairs(self.histories, self.cold_items, int(config["aug_users_per_item"]),
                                     int(config["aug_pairs_per_user"]), self.min_history, config["aug_seed"])
         probs, report = self._judge(pairs)
-        keep, a_wins, _ = judges.decide(probs, float(config["aug_min_confidence"]))
+        keep, a_wins, confidence = judges.decide(probs, float(config["aug_min_confidence"]))
         users, a, b = pairs.T
         self.judge_report = {**report, "kept": int(keep.sum()), "dropped": int((~keep).sum()),
                              **judges.order_diagnostics(probs)}
         self.logger.info(f"AugBPR judged pairs ({config['judge']} judge): {self.judge_report}")
         self._free_judge()
-        return torch.stack([users, torch.where(a_wins, a, b), torch.where(a_wins, b, a)], dim=1)[keep]
+        winner_prob = (1 + confidence) / 2  # the judge's probability that the winner is preferred
+        judged = torch.stack([users, torch.where(a_wins, a, b), torch.where(a_wins, b, a)], dim=1)[keep]
+        return judged, winner_prob[keep].float()
 
     def _judge(self, pairs):
         return judges.judge_pairs(self.judge, pairs, self.config["cache_dir"], self.config["judge_chunk_size"],
@@ -176,19 +182,25 @@ class AugBPR(AbstractRecommender):
         scores = self.base.predict(Interaction(fields)).view(-1)
         return torch.logit(scores, eps=1e-7) if self.aug_score == "logit" else scores
 
-    def aug_loss(self, pairs):
-        """Mean ``-log sigmoid(s(u, pos) - s(u, neg))`` over judged ``pairs`` [n, 3]."""
+    def aug_loss(self, pairs, targets=None):
+        """Mean ``-log sigmoid(d)``, ``d = s(u, pos) - s(u, neg)``, over judged ``pairs`` [n, 3];
+        with ``targets`` (the judge's probability that pos wins) the soft-label cross-entropy
+        ``-(p log sigmoid(d) + (1 - p) log sigmoid(-d))``."""
         users, pos, neg = pairs.T
         scores = self.pair_scores(torch.cat([users, users]), torch.cat([pos, neg]))
         pos_scores, neg_scores = scores.split(len(users))
-        return -F.logsigmoid(pos_scores - neg_scores).mean()
+        margin = pos_scores - neg_scores
+        if targets is None:
+            return -F.logsigmoid(margin).mean()
+        return -(targets * F.logsigmoid(margin) + (1 - targets) * F.logsigmoid(-margin)).mean()
 
     def calculate_loss(self, interaction):
         loss = self.base.calculate_loss(interaction)
         if self.aug_weight == 0 or len(self.aug_pairs) == 0:
             return loss
         index = torch.randint(len(self.aug_pairs), (self.aug_batch_size,), device=self.aug_pairs.device)
-        aug = self.aug_weight * self.aug_loss(self.aug_pairs[index])
+        targets = self.aug_targets[index] if self.aug_label == "soft" else None
+        aug = self.aug_weight * self.aug_loss(self.aug_pairs[index], targets)
         return (*loss, aug) if isinstance(loss, tuple) else (loss, aug)
 
     def predict(self, interaction):
