@@ -9,7 +9,11 @@
   >= 0.5 of 5; with the user token of another random item (``moved``) the target should fall to
   chance.
 
-Both train with the listwise loss (softmax over the candidates' title log-likelihoods, what
+* ``score`` (not an oracle): each candidate's token carries the frozen backbone's score of it for
+  this user (standardised over the candidate list). Reference: the backbone's own Hit@1 on the
+  same candidates; ``moved`` swaps the target's score with a negative's.
+
+All train with the listwise loss (softmax over the candidates' title log-likelihoods, what
 ``predict`` ranks by) on users' last training transitions and report Hit@1 on held-out users
 against steps (a learning curve). The prompt is ALLMRec's own (``ALLMRec.prompt_embeddings`` with
 the oracle's tokens in place of the soft tokens); ``item_token_position`` puts each token after
@@ -61,7 +65,7 @@ class MarkerTokens(torch.nn.Module):
         self.positive = torch.nn.Parameter(words[picks[0]].clone())
         self.negative = torch.nn.Parameter(words[picks[1]].clone())
 
-    def tokens(self, model, marked_item, candidates):
+    def tokens(self, model, sample, row, marked_item, candidates):
         marked = (candidates == marked_item).unsqueeze(-1)
         return None, None, torch.where(marked, self.positive, self.negative)
 
@@ -77,9 +81,42 @@ class MatchingTokens(torch.nn.Module):
         self.user_proj = mlp_projector(table.shape[1], hidden, torch.nn.LeakyReLU())
         self.item_proj = mlp_projector(table.shape[1], hidden, torch.nn.GELU())
 
-    def tokens(self, model, marked_item, candidates):
+    def tokens(self, model, sample, row, marked_item, candidates):
         E = (model.backbone.item_embeddings(torch.cat([marked_item.view(1), candidates])).detach() - self.mean) / self.std
         return self.user_proj(E[0]), None, self.item_proj(E[1:])
+
+
+class ScoreTokens(torch.nn.Module):
+    """Not an oracle: each candidate's token is a + z * b, z the frozen backbone's score of that
+    candidate for this user, standardised over the candidate list (a, b trained). Information
+    the model has at inference; can the LLM pass the backbone's ranking through? The ``moved``
+    input swaps the target's score with a negative's."""
+
+    def __init__(self, llm):
+        super().__init__()
+        words = llm.get_input_embeddings().weight.detach().float()
+        generator = torch.Generator().manual_seed(0)
+        picks = torch.randint(1000, len(words), (2,), generator=generator)
+        self.offset = torch.nn.Parameter(words[picks[0]].clone())
+        self.slope = torch.nn.Parameter(words[picks[1]].clone())
+
+    @staticmethod
+    def backbone_scores(model, sample, row, candidates):
+        user = model._user_vectors(sample[torch.tensor([row])])[0]
+        scores = model.backbone.item_embeddings(candidates) @ user
+        return (scores - scores.mean()) / scores.std().clamp(min=1e-6)
+
+    def tokens(self, model, sample, row, marked_item, candidates):
+        z = self.backbone_scores(model, sample, row, candidates).detach()
+        target = int((candidates == sample[model.ITEM_ID][row]).nonzero()[0, 0])
+        marked = int((candidates == marked_item).nonzero()[0, 0])
+        z = z.clone()
+        z[target], z[marked] = z[marked].clone(), z[target].clone()
+        return None, None, self.offset + z.unsqueeze(-1) * self.slope
+
+
+ORACLES = {"marker": lambda model: MarkerTokens(model.llm), "matching": MatchingTokens,
+           "score": lambda model: ScoreTokens(model.llm)}
 
 
 def candidate_sets(model, sample, generator):
@@ -96,7 +133,7 @@ def candidate_sets(model, sample, generator):
 def scores(model, oracle, sample, rows, candidates, marked):
     """Title log-likelihood scores ``[len(rows), num_candidates]`` (with gradients)."""
     prompts = [model.prompt_embeddings(None, model.history(sample, row), candidates[k],
-                                       tokens=oracle.tokens(model, marked[k], candidates[k]))
+                                       tokens=oracle.tokens(model, sample, row, marked[k], candidates[k]))
                for k, row in enumerate(rows)]
     titles = [[model.title_token_ids(int(i)) for i in c] for c in candidates]
     per_token = branch_log_likelihoods(model.llm, prompts, titles)
@@ -128,20 +165,25 @@ def evaluate(model, oracle, sample, candidates, batch=4):
 
 def run(args, overrides):
     settings = {**SETTINGS, "item_token_position": args.position, **overrides}
-    needs_backbone = args.oracle == "matching"
+    needs_backbone = args.oracle in ("matching", "score")
     config = Config(model="ALLMRec", dataset=args.dataset, config_dict={
         **settings, "use_user_token": needs_backbone, "use_item_tokens": needs_backbone, "stages": []},
         command_line=False)
     init_seed(config["seed"], config["reproducibility"])
     dataset, train_data, _, _ = prepare(config)
     model = build_model(config, train_data).eval()
-    oracle = MarkerTokens(model.llm) if args.oracle == "marker" else MatchingTokens(model)
+    oracle = ORACLES[args.oracle](model)
     sample = last_transitions(train_data, model)
     generator = torch.Generator().manual_seed(int(config["seed"]))
     order = torch.randperm(len(sample), generator=generator)
     held_out, train_rows = order[: args.eval_users], order[args.eval_users:]
     eval_sample = sample[held_out]
     eval_candidates = candidate_sets(model, eval_sample, generator)
+    reference = None
+    if args.oracle == "score":  # what the backbone's own ranking of these candidates reaches
+        with torch.no_grad():
+            reference = sum(bool(c[ScoreTokens.backbone_scores(model, eval_sample, r, c).argmax()] == eval_sample[model.ITEM_ID][r])
+                            for r, c in enumerate(eval_candidates)) / len(eval_candidates)
     optimizer = torch.optim.Adam(oracle.parameters(), lr=args.lr)
     curve, losses, began = [], [], time.time()
     for step in range(args.steps + 1):
@@ -165,7 +207,7 @@ def run(args, overrides):
         losses.append(loss.item())
     return {"oracle": args.oracle, "position": args.position, "llm": config["llm"], "llm_dtype": str(model.llm.dtype),
             "settings": {**settings, "lr": args.lr, "batch_size": args.batch_size, "steps": args.steps},
-            "eval_users": len(held_out), "chance": 1 / config["num_candidates"], "curve": curve,
+            "eval_users": len(held_out), "chance": 1 / config["num_candidates"], "backbone_hit@1": reference, "curve": curve,
             "seconds": round(time.time() - began, 1)}
 
 
@@ -180,22 +222,23 @@ def write_table(runs_dir, out, command):
              f"run stored in `{Path(runs_dir).resolve().relative_to(ROOT) if Path(runs_dir).resolve().is_relative_to(ROOT) else runs_dir}`).", "",
              f"Machine: {cpu} ({', '.join(flags)}). Hit@1 among 5 candidates (chance 0.2) on held-out users, "
              "± binomial standard error; `moved`: the oracle's input put on a random negative instead "
-             "(marker: that negative's token is m+; matching: the user token of that negative).", "",
-             "| oracle | token | LLM | samples seen | Hit@1 (target marked) | moved: marked negative chosen | moved: target chosen | train loss | seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "(marker: that negative's token is m+; matching: the user token of that negative; score: the target's backbone score swapped with that negative's).", "",
+             "| oracle | token | LLM | samples seen | Hit@1 (target marked) | moved: marked negative chosen | moved: target chosen | train loss | backbone Hit@1 | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(Path(runs_dir).glob("*.json")):
         record = json.loads(path.read_text())
         n = record["eval_users"]
         for point in record["curve"]:
             lines.append(f"| {record['oracle']} | {record['position']} | {record['llm']} ({record['llm_dtype'].replace('torch.', '')}) "
                          f"| {point['samples']} | {point['hit@1']:.3f} ± {se(point['hit@1'], n):.3f} "
-                         f"| {point['moved_to_marked']:.3f} | {point['moved_hit@1']:.3f} | {point['train_loss']:.3f} | {point['seconds']} |")
+                         f"| {point['moved_to_marked']:.3f} | {point['moved_hit@1']:.3f} | {point['train_loss']:.3f} "
+                         f"| {'-' if record.get('backbone_hit@1') is None else format(record['backbone_hit@1'], '.3f')} | {point['seconds']} |")
     write_report(out, lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--oracle", choices=["marker", "matching"])
+    parser.add_argument("--oracle", choices=sorted(ORACLES))
     parser.add_argument("--position", choices=["after", "before"], default="after")
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--steps", type=int, default=60)

@@ -49,7 +49,7 @@ METHODS = {
     "MetaLLMRec-bias": ("MetaLLMRec", {"meta_backend": "func", "local_params": "output_bias"}),
     "MetaLLMRec-nobias": ("MetaLLMRec", {"meta_backend": "func", "local_params": "all_but_output_bias"}),
     "MetaLLMRec-MSE": ("MetaLLMRec", {"local_loss_type": "MSE"}),
-    "MetaLLMRec-lr0.05x20": ("MetaLLMRec", {"local_lr": 0.05, "local_update": 20}),
+    "MetaLLMRec-lr0.05x10": ("MetaLLMRec", {"local_lr": 0.05, "local_update": 10}),
     "MetaLLMRec-MetaSGD": ("MetaLLMRec", {"meta_backend": "func", "meta_sgd": True}),
     # what the texts carry: every user's (item's) text given to another
     "MetaLLMRec-shuffle-user": ("MetaLLMRec", {"text_shuffle": ["user"]}),
