@@ -347,3 +347,23 @@ def test_interrupted_stage_two_resumes_to_the_same_model(shared_cache):
     resumed.fit(train_data, saved=True)
     assert [stage for stage, _, _ in resumed.epoch_losses] == [2]  # only the missing epoch ran
     torch.testing.assert_close(resumed_model.predict(batch), uninterrupted)
+
+
+def test_candidate_score_token_carries_the_backbones_ranking(shared_cache):
+    _, model, trainer, train_data, test_data = _setup(shared_cache, candidate_score_token=True, use_user_token=False,
+                                                      stage2_objective="listwise", stage1_epochs=1)
+    batch = next(iter(test_data))[0]
+    history, candidates = model.history(batch, 0), batch["item_id"][:5]
+    vector = model._user_vectors(batch)[0]
+    z = model.candidate_scores(vector, candidates)
+    raw = model.backbone.item_embeddings(candidates) @ vector
+    assert torch.equal(z.argsort(), raw.argsort()) and abs(z.mean()) < 1e-5
+    with torch.no_grad():
+        _, _, tokens = model.soft_tokens(vector, history, candidates)
+        plain = model.item_proj(model.joint_item_embeddings(candidates))
+        torch.testing.assert_close(tokens - plain, model.score_proj(z.unsqueeze(-1)))
+    assert any(p is model.score_proj.weight for p in trainer._stage_parameters(2))
+    trainer.fit(train_data, saved=False)
+    assert torch.isfinite(model.predict(batch)).all()
+    with pytest.raises(ValueError, match="candidate_score_token"):
+        _setup(shared_cache, model="TALLRec", candidate_score_token=True)

@@ -135,6 +135,12 @@ class ALLMRec(SequentialRecommender):
         if self.use_item_tokens:
             token_input = self.backbone.item_dim if self.item_source == "backbone" else latent
             self.item_proj = mlp_projector(token_input, hidden, torch.nn.GELU())
+        self.candidate_score_token = bool(config["candidate_score_token"])
+        if self.candidate_score_token:
+            if self.backbone is None or not self.use_item_tokens:
+                raise ValueError("candidate_score_token adds the backbone's score to the candidate tokens: "
+                                 "it needs the backbone and use_item_tokens")
+            self.score_proj = torch.nn.Linear(1, hidden)  # token += a + z * b (a, b trained in stage 2)
         self._prompt_ids = {}
         self.title_ids = None  # tokenised lazily (see title_token_ids)
 
@@ -305,17 +311,33 @@ class ALLMRec(SequentialRecommender):
     def soft_tokens(self, user_vector, history, candidates):
         """``(user token, history item tokens, candidate item tokens)`` in the LLM's input space,
         each ``None`` when switched off; ``soft_token_norm: word`` rescales every token to the mean
-        norm of the LLM's word embeddings (untrained projections give norms ~5x theirs)."""
+        norm of the LLM's word embeddings (untrained projections give norms ~5x theirs);
+        ``candidate_score_token`` adds ``a + z * b`` to each candidate's token, z its standardised
+        backbone score for this user (not in the paper)."""
         user = self.user_proj(user_vector) if self.use_user_token else None
         history_tokens = candidate_tokens = None
         if self.use_item_tokens:
             projected = self.item_proj(self.joint_item_embeddings(torch.cat([history, candidates])))
             history_tokens, candidate_tokens = projected[: len(history)], projected[len(history):]
+            if self.candidate_score_token:
+                candidate_tokens = candidate_tokens + self.score_proj(self.candidate_scores(user_vector, candidates).unsqueeze(-1))
         if self.soft_token_norm == "word":
             user, history_tokens, candidate_tokens = (
                 None if t is None else t * (self.word_norm / t.norm(dim=-1, keepdim=True).clamp(min=1e-6))
                 for t in (user, history_tokens, candidate_tokens))
         return user, history_tokens, candidate_tokens
+
+    @property
+    def needs_user_vectors(self):
+        return self.use_user_token or self.candidate_score_token
+
+    @torch.no_grad()
+    def candidate_scores(self, user_vector, candidates):
+        """The frozen backbone's scores of ``candidates`` for this user, standardised over the
+        list (``candidate_score_token``: the personal signal the matching oracle showed the LLM
+        cannot compute itself from a user token and item tokens; results/allmrec_oracle.md)."""
+        scores = self.backbone.item_embeddings(candidates) @ user_vector
+        return (scores - scores.mean()) / scores.std().clamp(min=1e-6)
 
     def _user_vectors(self, interaction):
         return self.backbone.user_representation(
@@ -462,7 +484,7 @@ class ALLMRec(SequentialRecommender):
         candidate's title gets a gradient and the loss is about the choice, not the title's spelling."""
         users, targets = interaction[self.USER_ID], interaction[self.ITEM_ID]
         negatives = self.sample_negatives(users, self.num_candidates - 1, generator, targets.unsqueeze(1).tolist())
-        user_vectors = self._user_vectors(interaction) if self.use_user_token else [None] * len(users)
+        user_vectors = self._user_vectors(interaction) if self.needs_user_vectors else [None] * len(users)
         prompts, shown = [], []
         for row in range(len(users)):
             candidates = torch.cat([targets[row:row + 1], negatives[row]])
@@ -528,7 +550,7 @@ class ALLMRec(SequentialRecommender):
         """Free text from the LLM for each row of ``interaction`` (the paper's §5.4.4, e.g. "Which
         genres does this user like?"): the prompt carries the user's soft token and history titles
         with their item tokens, then ``question``; greedy decoding. Returns one string per row."""
-        users = self._user_vectors(interaction) if self.use_user_token else [None] * len(interaction)
+        users = self._user_vectors(interaction) if self.needs_user_vectors else [None] * len(interaction)
         eos = self.tokenizer.eos_token_id
         answers = []
         for row in range(len(interaction)):
@@ -544,7 +566,7 @@ class ALLMRec(SequentialRecommender):
     def predict(self, interaction):
         users = interaction[self.USER_ID]
         items = interaction[self.ITEM_ID]
-        user_vectors = self._user_vectors(interaction) if self.use_user_token else None
+        user_vectors = self._user_vectors(interaction) if self.needs_user_vectors else None
         requests, row_sets = [], []
         for user in dict.fromkeys(users.tolist()):
             rows = (users == user).nonzero(as_tuple=True)[0]
@@ -564,7 +586,7 @@ class ALLMRec(SequentialRecommender):
         base[:, 0] = -np.inf
         top = base.topk(self.rerank_top_n, dim=1).indices
         out = base - (base[torch.isfinite(base)].max() - base[torch.isfinite(base)].min() + 1e6)
-        user_vectors = self._user_vectors(interaction) if self.use_user_token else None
+        user_vectors = self._user_vectors(interaction) if self.needs_user_vectors else None
         users = interaction[self.USER_ID]
         requests = [(int(users[row]), user_vectors[row] if user_vectors is not None else None,
                      self.history(interaction, row), top[row]) for row in range(len(interaction))]

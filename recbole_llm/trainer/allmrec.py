@@ -45,8 +45,8 @@ class ALLMRecTrainer(CheckpointSafeMixin, Trainer):
             if model.sbert is not None:
                 modules.append(model.sbert)
         else:
-            modules = [m for m in (getattr(model, "user_proj", None), getattr(model, "item_proj", None), model.llm)
-                       if m is not None]
+            modules = [m for m in (getattr(model, "user_proj", None), getattr(model, "item_proj", None),
+                                   getattr(model, "score_proj", None), model.llm) if m is not None]
         params = [p for m in modules for p in m.parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"stage {stage} has nothing to train with this configuration")
