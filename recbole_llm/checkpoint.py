@@ -7,6 +7,7 @@ RecBole checkpoints pickle the whole ``Config``; ``torch.load`` now defaults to
 ``checkpoint_safe`` applies it to any other trainer class, RecBole's included.
 """
 import os
+import uuid
 
 import torch
 from recbole.trainer import DecisionTreeTrainer
@@ -44,6 +45,16 @@ def load_into_model(model, checkpoint):
 
 
 class CheckpointSafeMixin:
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        # RecBole names the best checkpoint after the model and the second training began; two
+        # runs of one model started in the same second (parallel benchmark processes) would then
+        # overwrite each other's file and load the other run's weights. A process id and a random
+        # suffix keep RecBole's name recognisable and make it unique.
+        if getattr(self, "saved_model_file", None):
+            stem, extension = os.path.splitext(self.saved_model_file)
+            self.saved_model_file = f"{stem}-{os.getpid()}-{uuid.uuid4().hex[:6]}{extension}"
+
     def _load_best_into_model(self, model_file):
         checkpoint_file = model_file or self.saved_model_file
         load_into_model(self.model, load_checkpoint(checkpoint_file, self.device, self.config["model"]))

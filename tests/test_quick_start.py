@@ -59,6 +59,20 @@ def test_resume_checkpoint_restores_training_state():
     assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), trainer.model.parameters()))
 
 
+def test_two_trainers_of_one_model_never_share_a_checkpoint_file():
+    """Parallel benchmark processes start runs of one model in the same second; RecBole's
+    model-and-second file name made one run load the other's weights (found in a benchmark)."""
+    from recbole_llm.config import Config
+    from recbole_llm.utils import create_dataset, data_preparation, get_model, get_trainer
+
+    config = Config(model="BPR", config_file_list=[ML_TINY_YAML], config_dict=tiny_config(epochs=1))
+    train, _, _ = data_preparation(config, create_dataset(config))
+    first, second = (get_trainer(config["MODEL_TYPE"], "BPR")(config, get_model("BPR")(config, train._dataset))
+                     for _ in range(2))
+    assert first.saved_model_file != second.saved_model_file
+    assert Path(first.saved_model_file).name.startswith("BPR-") and first.saved_model_file.endswith(".pth")
+
+
 def test_cli_trains_and_prints_test_result(tmp_path):
     command = [sys.executable, str(REPO / "run_recbole_llm.py"), "--model=BPR", "--dataset=ml-tiny",
                f"--config_files={ML_TINY_YAML}", f"--data_path={DATA_DIR}", "--epochs=1", "--state=INFO"]
