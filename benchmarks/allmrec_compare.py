@@ -45,6 +45,11 @@ VARIANTS = {
     "ALLMRec-conditioned": ("ALLMRec", {"latent_norm": "standardise", "soft_token_norm": "word",
                                         "cold_item_text_tokens": "inference"},
                             "ours: standardised latents, soft tokens at word-embedding norm, e_i for every item in training"),
+    "ALLMRec-score": ("ALLMRec", {"candidate_score_token": True, "stage2_objective": "listwise",
+                                  "latent_norm": "standardise", "soft_token_norm": "word",
+                                  "cold_item_text_tokens": "inference"},
+                      "ours: ALLMRec-conditioned plus the backbone's standardised score in each candidate's token, "
+                      "listwise stage-2 loss"),
     "ALLMRec-no-match": ("ALLMRec", {"match_weight": 0.0}, "ablation: no matching loss"),
     "ALLMRec-no-recon": ("ALLMRec", {"item_recon_weight": 0.0, "text_recon_weight": 0.0},
                          "ablation: no reconstruction losses"),
