@@ -269,3 +269,28 @@ def test_melu_can_leave_a_field_out():
     _, _, fair, _ = build("MeLU", meta_exclude_fields=["release_year"])
     assert "item_release_year" in full.embeddings and "item_release_year" not in fair.embeddings
     assert fair.estimator[0].in_features == full.estimator[0].in_features - int(config["embedding_size"])
+
+
+def test_support_ridge_leave_one_out_residuals_equal_refitting_without_each_rating():
+    from recbole_llm.model.supportridge import ridge_fit
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 50, generator=generator, dtype=torch.float64)  # fewer ratings than dimensions, as with text embeddings
+    taste = torch.randn(50, generator=generator, dtype=torch.float64) / 7
+    r = 3 + x @ taste + 0.1 * torch.randn(30, generator=generator, dtype=torch.float64)
+    _, _, lam, residuals = ridge_fit(x, r, [0.3])
+    for i in range(30):  # refit from scratch without row i (its centring and intercept too)
+        keep = [j for j in range(30) if j != i]
+        centre, alpha, _, _ = ridge_fit(x[keep], r[keep], [lam])
+        predicted = r[keep].double().mean() + (x[i] - centre).double() @ (x[keep] - centre).double().T @ alpha
+        assert float(r[i] - predicted) == pytest.approx(float(residuals[i]), abs=1e-8)
+    # noise only: the largest lambda wins (no fit)
+    _, _, lam, _ = ridge_fit(x, 3 + torch.randn(30, generator=generator, dtype=torch.float64), [0.01, 1e4])
+    assert lam == 1e4
+    x, taste = x[:, :5], taste[:5]  # a linear taste in 5 dimensions: a small lambda, the order recovered
+    r = 3 + x @ taste + 0.01 * torch.randn(30, generator=generator, dtype=torch.float64)
+    centre, alpha, lam, _ = ridge_fit(x, r, [0.01, 1e4])
+    assert lam == 0.01
+    query = torch.randn(20, 5, generator=generator, dtype=torch.float64)
+    predicted = (query - centre) @ (x - centre).T @ alpha
+    assert rank_correlation(predicted.float(), (query @ taste).float()) > 0.9

@@ -24,6 +24,7 @@ MODELS = {
     "MeLU": {"model": "MeLU", **TINY_META, "epochs": 2},
     "SupportMedian": {"model": "SupportMedian", **TINY_META},
     "ItemMean": {"model": "ItemMean", **TINY_META},
+    "SupportRidge": {"model": "SupportRidge", **TINY_META},
 }
 
 
@@ -67,7 +68,7 @@ def test_augbpr(name):
     assert 0 <= accuracy["accuracy"] <= 1 and accuracy["chance"] == 0.5 and accuracy["pairs"] > 0
 
 
-@pytest.mark.parametrize("name", ["MetaLLMRec", "MeLU", "SupportMedian", "ItemMean"])
+@pytest.mark.parametrize("name", ["MetaLLMRec", "MeLU", "SupportMedian", "ItemMean", "SupportRidge"])
 def test_episodic_models(name):
     result = quick_test(MODELS[name])
     assert set(result["group_results"]) == set(SCENARIOS)

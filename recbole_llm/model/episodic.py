@@ -48,3 +48,10 @@ class EpisodicReference(EpisodicRecommender):
 
     def calculate_loss(self, task):
         return self.fake_loss.sum()
+
+    def predict(self, interaction):
+        """Without a support set: the mean meta-training rating for every pair."""
+        return torch.full((len(interaction),), self.rating_mean, device=self.device)
+
+    def full_sort_predict(self, interaction):
+        return torch.full((len(interaction) * self.n_items,), self.rating_mean, device=self.device)

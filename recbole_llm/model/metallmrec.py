@@ -1,10 +1,7 @@
 """MetaLLMRec (LLM-MetaRec): MeLU's estimator fed with frozen LLM embeddings of attribute text.
 
-User and item attributes are rendered as text from the dataset's templates (``meta_user_text_key``
-/ ``meta_item_text_key`` name the template keys, e.g. "The title of the movie is ... The genres
-are ..."), embedded once by ``text_source`` (``encoder``: the sentence encoder ``text_encoder``;
-``llm``: mean-pooled last hidden states of the causal LLM ``llm``) and cached on disk
-by the dataset (``dataset.text_embeddings``). The embeddings are frozen, non-persistent buffers:
+User and item attributes are rendered as text and embedded once (``episodic_text.EpisodicText``:
+``text_source``, the template keys, ``text_standardize``, ``text_shuffle``). The embeddings are frozen, non-persistent buffers:
 they stay out of the optimizer and of checkpoints and are read again (from the cache) when a model
 is built.
 
@@ -18,35 +15,15 @@ the MLP sizes or the learning rates; the defaults in ``properties/model/MetaLLMR
 import torch
 from torch import nn
 
+from recbole_llm.model.episodic_text import EpisodicText
 from recbole_llm.model.meta_estimator import MetaEstimator
 
-TEXT_SOURCES = {"encoder": "text_encoder", "llm": "llm"}
 
-
-class MetaLLMRec(MetaEstimator):
+class MetaLLMRec(EpisodicText, MetaEstimator):
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        source = config["text_source"] or "encoder"
-        if source not in TEXT_SOURCES:
-            raise ValueError(f"text_source must be one of {sorted(TEXT_SOURCES)}, got {source!r}")
-        shuffled = list(config["text_shuffle"] or [])
-        if set(shuffled) - {"user", "item"}:
-            raise ValueError(f"text_shuffle lists 'user' and/or 'item', got {shuffled!r}")
         for kind in ("user", "item"):
-            key = config[f"meta_{kind}_text_key"] or f"{kind}_text_template"
-            if config[key] is None:
-                key = f"{kind}_text_template"  # the dataset has no MetaLLMRec-specific template
-            table = dataset.text_embeddings(kind, key, encoder_key=TEXT_SOURCES[source])
-            if config["text_standardize"]:
-                # per-dimension z-scores over the entities: sentence embeddings are unit vectors
-                # with tiny coordinates, which leave the local SGD steps almost nothing to move
-                rows = table[1:]
-                rows = (rows - rows.mean(0)) / rows.std(0).clamp(min=1e-6)
-                table = torch.cat([torch.zeros(1, rows.shape[1]), rows])
-            if kind in shuffled:  # ablation: every user (item) gets another one's text
-                generator = torch.Generator().manual_seed(int(config["seed"]))
-                table = torch.cat([table[:1], table[1:][torch.randperm(len(table) - 1, generator=generator)]])
-            self.register_buffer(f"{kind}_text", table.to(self.device), persistent=False)
+            self.register_buffer(f"{kind}_text", self.text_table(config, dataset, kind).to(self.device), persistent=False)
         text_dim = self.item_text.shape[1]
         proj_dim = int(config["proj_dim"])
         if proj_dim > 0:

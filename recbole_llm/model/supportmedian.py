@@ -12,16 +12,6 @@ from recbole_llm.model.episodic import EpisodicReference
 
 
 class SupportMedian(EpisodicReference):
-    def __init__(self, config, dataset):
-        super().__init__(config, dataset)
-
     def adapt_and_predict(self, task):
         median = float(task.support_ratings.median())
         return torch.full((len(task.query_items),), median, device=self.device)
-
-    def predict(self, interaction):
-        """Without a support set: the mean meta-training rating for every pair."""
-        return torch.full((len(interaction),), self.rating_mean, device=self.device)
-
-    def full_sort_predict(self, interaction):
-        return torch.full((len(interaction) * self.n_items,), self.rating_mean, device=self.device)
