@@ -55,6 +55,10 @@ METHODS = {
     "MetaLLMRec-MSE": ("MetaLLMRec", {"local_loss_type": "MSE"}),
     "MetaLLMRec-lr0.05x10": ("MetaLLMRec", {"local_lr": 0.05, "local_update": 10}),
     "MetaLLMRec-MetaSGD": ("MetaLLMRec", {"meta_backend": "func", "meta_sgd": True}),
+    # a closed-form per-user ridge term on the input features after the local steps, meta-trained through
+    # the solve; "-only": no SGD steps, the ridge term is the whole adaptation
+    "MetaLLMRec-ridge": ("MetaLLMRec", {"local_head": "ridge"}),
+    "MetaLLMRec-ridge-only": ("MetaLLMRec", {"local_head": "ridge", "local_update": 0}),
     # what the texts carry: every user's (item's) text given to another
     "MetaLLMRec-shuffle-user": ("MetaLLMRec", {"text_shuffle": ["user"]}),
     "MetaLLMRec-shuffle-item": ("MetaLLMRec", {"text_shuffle": ["item"]}),

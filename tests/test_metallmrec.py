@@ -235,6 +235,7 @@ def test_bias_only_adaptation_changes_the_output_bias_and_nothing_else():
     {"local_params": "output_bias"},
     {"meta_sgd": True},
     {"local_lr": 0.05, "local_update": 8},
+    {"local_head": "ridge"},
 ])
 def test_each_inner_loop_option_trains_and_evaluates(options):
     config, dataset, model, (train, valid, _) = build(meta_backend="func", **options)
@@ -244,9 +245,28 @@ def test_each_inner_loop_option_trains_and_evaluates(options):
     assert any(name.startswith("estimator.") for name in trained)
     if options.get("meta_sgd"):
         assert any(name.startswith("local_lrs.") for name in trained)  # the step sizes are meta-learned
+    if options.get("local_head"):
+        assert "log_ridge_lambda" in trained  # the penalty is meta-learned through the solve
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     result = trainer.evaluate(valid, load_best_model=False)
     assert 0 < result["mae"] < 4
+
+
+def test_ridge_head_adds_the_ridge_fit_of_the_support_residuals():
+    from recbole_llm.model.ridge import ridge_predict
+
+    _, dataset, model, _ = build(local_head="ridge", ridge_lambda=0.5, local_update_eval=0)
+    task = dataset.episodes[TRAIN][0]
+    users_s, items_s, y_s, users_q, items_q = model.task_tensors(task)
+    with torch.no_grad():
+        x_s, x_q = model.features(users_s, items_s), model.features(users_q, items_q)
+        base_s, base_q = model.estimator(x_s).squeeze(-1), model.estimator(x_q).squeeze(-1)
+        by_hand = base_q + ridge_predict(x_s, y_s - base_s, x_q, 0.5)
+    assert torch.allclose(model.adapt_and_predict(task), by_hand, atol=1e-5)
+    assert torch.allclose(model.adapt_and_predict(task, steps=0), base_q, atol=1e-6)  # "before": no head
+    assert not torch.allclose(by_hand, base_q)
+    with pytest.raises(ValueError, match="local_head must be one of"):
+        build(local_head="lasso")
 
 
 def test_inner_loop_options_need_the_func_backend():
@@ -272,25 +292,23 @@ def test_melu_can_leave_a_field_out():
 
 
 def test_support_ridge_leave_one_out_residuals_equal_refitting_without_each_rating():
-    from recbole_llm.model.supportridge import ridge_fit
+    from recbole_llm.model.ridge import choose_lambda, ridge_predict
 
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(30, 50, generator=generator, dtype=torch.float64)  # fewer ratings than dimensions, as with text embeddings
+    x = torch.randn(30, 50, generator=generator, dtype=torch.float64)  # fewer ratings than dimensions
     taste = torch.randn(50, generator=generator, dtype=torch.float64) / 7
     r = 3 + x @ taste + 0.1 * torch.randn(30, generator=generator, dtype=torch.float64)
-    _, _, lam, residuals = ridge_fit(x, r, [0.3])
+    lam, residuals = choose_lambda(x, r, [0.3])
     for i in range(30):  # refit from scratch without row i (its centring and intercept too)
         keep = [j for j in range(30) if j != i]
-        centre, alpha, _, _ = ridge_fit(x[keep], r[keep], [lam])
-        predicted = r[keep].double().mean() + (x[i] - centre).double() @ (x[keep] - centre).double().T @ alpha
+        predicted = ridge_predict(x[keep], r[keep], x[i:i + 1], lam)
         assert float(r[i] - predicted) == pytest.approx(float(residuals[i]), abs=1e-8)
     # noise only: the largest lambda wins (no fit)
-    _, _, lam, _ = ridge_fit(x, 3 + torch.randn(30, generator=generator, dtype=torch.float64), [0.01, 1e4])
+    lam, _ = choose_lambda(x, 3 + torch.randn(30, generator=generator, dtype=torch.float64), [0.01, 1e4])
     assert lam == 1e4
     x, taste = x[:, :5], taste[:5]  # a linear taste in 5 dimensions: a small lambda, the order recovered
     r = 3 + x @ taste + 0.01 * torch.randn(30, generator=generator, dtype=torch.float64)
-    centre, alpha, lam, _ = ridge_fit(x, r, [0.01, 1e4])
+    lam, _ = choose_lambda(x, r, [0.01, 1e4])
     assert lam == 0.01
     query = torch.randn(20, 5, generator=generator, dtype=torch.float64)
-    predicted = (query - centre) @ (x - centre).T @ alpha
-    assert rank_correlation(predicted.float(), (query @ taste).float()) > 0.9
+    assert rank_correlation(ridge_predict(x, r, query, lam).float(), (query @ taste).float()) > 0.9
