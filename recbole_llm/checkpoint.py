@@ -11,6 +11,9 @@ import uuid
 
 import torch
 from recbole.trainer import DecisionTreeTrainer
+from torch.nn.parallel import DistributedDataParallel
+
+from recbole_llm import distributed
 
 _SAFE_CLASSES = {}
 
@@ -45,17 +48,40 @@ def load_into_model(model, checkpoint):
 
 
 class CheckpointSafeMixin:
+    # False: the trainer has its own training loop that shards work and sums gradients itself
+    # (``distributed``), so RecBole's DDP wrapper is not built; None: no multi-process support yet
+    recbole_training_loop = True
+
     def __init__(self, config, model):
-        super().__init__(config, model)
+        if distributed.is_distributed(config):
+            if self.recbole_training_loop is None:
+                raise NotImplementedError(f"multi-process training (nproc > 1) is not supported for {config['model']} yet; "
+                                          "run it with nproc=1")
+            cpu = distributed.uses_cpu_backend(config)
+            if cpu or not self.recbole_training_loop:
+                # RecBole's wrapper passes device_ids, which a CPU module refuses
+                with distributed.single_process_view(config):
+                    super().__init__(config, model)
+                if self.recbole_training_loop:
+                    self.distributed_model = DistributedDataParallel(self.model)
+                else:
+                    distributed.broadcast_parameters(self.model, config)
+            else:
+                super().__init__(config, model)
+        else:
+            super().__init__(config, model)
         # RecBole names the best checkpoint after the model and the second training began; two
         # runs of one model started in the same second (parallel benchmark processes) would then
         # overwrite each other's file and load the other run's weights. A process id and a random
-        # suffix keep RecBole's name recognisable and make it unique.
+        # suffix keep RecBole's name recognisable and make it unique. All ranks of one
+        # multi-process run share rank 0's name: it writes, they all read.
         if getattr(self, "saved_model_file", None):
             stem, extension = os.path.splitext(self.saved_model_file)
-            self.saved_model_file = f"{stem}-{os.getpid()}-{uuid.uuid4().hex[:6]}{extension}"
+            self.saved_model_file = distributed.broadcast_object(
+                f"{stem}-{os.getpid()}-{uuid.uuid4().hex[:6]}{extension}", config)
 
     def _load_best_into_model(self, model_file):
+        distributed.barrier(self.config)  # rank 0 has written it
         checkpoint_file = model_file or self.saved_model_file
         load_into_model(self.model, load_checkpoint(checkpoint_file, self.device, self.config["model"]))
         self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
@@ -69,7 +95,9 @@ class CheckpointSafeMixin:
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
         # Written next to the target and renamed, so a crash mid-save never leaves a truncated
-        # "best" checkpoint behind.
+        # "best" checkpoint behind. Only rank 0 of a multi-process run writes.
+        if not distributed.is_main(self.config):
+            return
         target = kwargs.pop("saved_model_file", self.saved_model_file)
         partial = f"{target}.partial"
         super()._save_checkpoint(epoch, verbose=False, saved_model_file=partial, **kwargs)

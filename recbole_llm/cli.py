@@ -15,9 +15,16 @@ def main(argv=None):
     parser.add_argument("--model", "-m", type=str, default="ALLMRec", help="model name")
     parser.add_argument("--dataset", "-d", type=str, default="ml-100k", help="dataset name")
     parser.add_argument("--config_files", type=str, default=None, help="space-separated yaml files")
+    # RecBole's multi-process arguments (recbole_llm/distributed.py)
+    parser.add_argument("--nproc", type=int, default=1, help="processes on this machine")
+    parser.add_argument("--world_size", type=int, default=-1, help="processes in all (default: nproc)")
+    parser.add_argument("--ip", type=str, default="localhost", help="address of rank 0")
+    parser.add_argument("--port", type=str, default=None, help="port of rank 0 (default: a free one)")
+    parser.add_argument("--group_offset", type=int, default=0, help="rank of this machine's first process")
     args, _ = parser.parse_known_args(argv)
     config_files = args.config_files.strip().split(" ") if args.config_files else None
-    run_recbole_llm(model=args.model, dataset=args.dataset, config_file_list=config_files)
+    run_recbole_llm(model=args.model, dataset=args.dataset, config_file_list=config_files, nproc=args.nproc,
+                    world_size=args.world_size, ip=args.ip, port=args.port, group_offset=args.group_offset)
 
 
 def hyper_main(argv=None):

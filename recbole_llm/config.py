@@ -28,13 +28,15 @@ from recbole.utils import ModelType
 from recbole.utils import argument_list
 
 from recbole_llm import PROPERTIES_DIR, SHIPPED_DATASETS_DIR
+from recbole_llm.distributed import init_device
 from recbole_llm.utils import get_model
 
 
 # Keys no yaml sets: read by the CLIs themselves (argparse; RecBole's parser sees them too), or
-# set by RecBole's code (device).
+# set by RecBole's code (device, the multi-process keys its launcher and ours pass to each rank).
 CODE_KEYS = {"model", "dataset", "config_files", "params_file", "output_file", "display_file", "algo",
-             "max_evals", "early_stop", "device"}
+             "max_evals", "early_stop", "device", "nproc", "world_size", "ip", "port", "offset",
+             "group_offset", "local_rank", "single_spec"}
 
 
 @lru_cache(maxsize=1)
@@ -56,6 +58,11 @@ class Config(RecBoleConfig):
     def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None, command_line=True):
         self.command_line = command_line
         super().__init__(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+
+    def _init_device(self):
+        # RecBole's multi-process mode is NCCL only; a CPU run joins a gloo group (distributed.py).
+        if not init_device(self):
+            super()._init_device()
 
     def _load_cmd_line(self):
         if not self.command_line:

@@ -28,6 +28,7 @@ from recbole_llm.checkpoint import checkpoint_safe, load_checkpoint, load_into_m
 from recbole_llm.config import Config
 from recbole_llm.data import scenarios
 from recbole_llm.data.dataset import EpisodicDataset
+from recbole_llm.distributed import main_process_first, spawn
 from recbole_llm.fast_kernels import use_fast_kernels
 from recbole_llm.llm.models import set_threads
 from recbole_llm.trainer import RatingBaselineTrainer
@@ -204,8 +205,9 @@ def chance_result(config, metrics):
 def train_and_test(config, saved=True, verbose=True):
     """Train the configured model, test it overall and per group: ``(trainer, result dict)``."""
     logger = getLogger()
-    dataset, train_data, valid_data, test_data = prepare(config)
-    model = build_model(config, train_data)
+    with main_process_first(config):  # rank 0 trains prerequisites and writes caches; the others read them
+        dataset, train_data, valid_data, test_data = prepare(config)
+        model = build_model(config, train_data)
     logger.info(model)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     best_valid_score, best_valid_result = trainer.fit(
@@ -258,7 +260,8 @@ def format_results(result):
     return "\n".join(lines)
 
 
-def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True):
+def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True,
+                    nproc=1, world_size=-1, ip="localhost", port=None, group_offset=0):
     """Train and test one model on one dataset, as ``recbole.quick_start.run_recbole`` does.
 
     Args:
@@ -267,13 +270,22 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
         config_file_list (list of str): yaml files, applied over the plugin's properties.
         config_dict (dict): parameters applied over the files; ``--key=value`` arguments win over both.
         saved (bool): keep the best checkpoint and test it (True) or test the final weights.
+        nproc, world_size, ip, port, group_offset: RecBole's multi-process arguments; ``nproc`` > 1
+            trains in that many processes on this machine (gloo on the CPU, NCCL on GPUs;
+            ``recbole_llm/distributed.py``) and returns rank 0's result.
 
     Returns:
         dict with ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``,
         ``test_result`` and ``group_results`` (one result per evaluation group / scenario).
     """
+    if nproc > 1 or world_size > 0:
+        run = {"model": model, "dataset": dataset, "config_file_list": config_file_list,
+               "config_dict": config_dict, "saved": saved}
+        return spawn(run_recbole_llm, nproc, run, world_size, ip, port, group_offset)
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
     init_seed(config["seed"], config["reproducibility"])
+    # RecBole's init_logger checks, then creates ./log/<model>: ranks starting together race on it
+    os.makedirs(os.path.join("log", str(config["model"])), exist_ok=True)
     init_logger(config)
     logger = getLogger()
     logger.info(sys.argv)

@@ -30,6 +30,7 @@ import torch
 from recbole.data.dataloader.abstract_dataloader import AbstractDataLoader
 
 from recbole_llm.data.scenarios import dict_setting, seeded_rng
+from recbole_llm.distributed import single_process_view
 
 TRAIN, VALID, TEST = "train", "valid", "test"
 SCENARIOS = ("warm_user_warm_item", "cold_user_warm_item", "warm_user_cold_item", "cold_user_cold_item")
@@ -200,7 +201,10 @@ class TaskDataLoader(AbstractDataLoader):
     def __init__(self, config, dataset, tasks, shuffle=False):
         self.tasks = list(tasks)
         self.sample_size = len(self.tasks)
-        super().__init__(config, dataset, None, shuffle=shuffle)
+        # No DistributedSampler: in a multi-process run every rank walks the same seeded batches
+        # and the trainer takes each rank's share (recbole_llm/distributed.py).
+        with single_process_view(config):
+            super().__init__(config, dataset, None, shuffle=shuffle)
 
     def _init_batch_size_and_step(self):
         batch_size = int(self.config["train_batch_size"])

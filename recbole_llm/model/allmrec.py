@@ -72,6 +72,12 @@ class ALLMRec(SequentialRecommender):
         self.n_users = dataset.user_num
         self.stage = 1
         self.last_losses = {}
+        # (rank, world) in multi-process training: every rank samples the randomness of the whole
+        # batch (the same generator stream as one process), computes the loss of its own rows only
+        # and scales it by its share (``loss_weight``), so the gradients summed over ranks are the
+        # one-process gradients (ALLMRecTrainer, recbole_llm/distributed.py)
+        self.loss_shard = None
+        self.loss_weight = 1.0
         self.seed = int(config["seed"])
         self.use_user_token = bool(config["use_user_token"])
         self.use_item_tokens = bool(config["use_item_tokens"])
@@ -373,9 +379,19 @@ class ALLMRec(SequentialRecommender):
             out.append(chosen)
         return torch.tensor(out, dtype=torch.long, device=self.device)
 
+    def _own_rows(self, n):
+        """Rows of a batch of ``n`` this process computes the loss of (all of them in one process)."""
+        rank, world = self.loss_shard or (0, 1)
+        return torch.arange(rank, n, world, device=self.device)
+
     def stage1_loss(self, interaction, generator):
         pos = interaction[self.ITEM_ID]
         neg = self.sample_negatives(interaction[self.USER_ID], 1, generator)[:, 0]
+        own = self._own_rows(len(pos))
+        self.loss_weight = len(own) / len(pos)
+        if len(own) == 0:
+            return None
+        pos, neg = pos[own], neg[own]
         items = torch.cat([pos, neg])
         E = self.backbone.item_embeddings(items)
         Q = self.sbert_embeddings(items)
@@ -387,7 +403,7 @@ class ALLMRec(SequentialRecommender):
         E_rec = self.item_decoder(e)
         item_recon = F.mse_loss(E_rec, E)
         text_recon = F.mse_loss(self.text_decoder(q), Q.detach())
-        x_u = self._user_vectors(interaction)
+        x_u = self._user_vectors(interaction)[own]
         n = len(pos)
         logits = torch.cat([(x_u * E_rec[:n]).sum(-1), (x_u * E_rec[n:]).sum(-1)])
         labels = torch.cat([torch.ones(n), torch.zeros(n)]).to(logits.device)
@@ -396,7 +412,7 @@ class ALLMRec(SequentialRecommender):
         loss = sum(self.weights[k] * v for k, v in parts.items())
         self.last_losses = {k: v.item() for k, v in parts.items()}
         self.last_losses["latent_std"] = 0.5 * (e.std(0).mean().item() + q.std(0).mean().item())
-        return loss
+        return loss * self.loss_weight
 
     # -- prompts ----------------------------------------------------------------------------------
 
@@ -485,25 +501,34 @@ class ALLMRec(SequentialRecommender):
         users, targets = interaction[self.USER_ID], interaction[self.ITEM_ID]
         negatives = self.sample_negatives(users, self.num_candidates - 1, generator, targets.unsqueeze(1).tolist())
         user_vectors = self._user_vectors(interaction) if self.needs_user_vectors else [None] * len(users)
+        own = set(self._own_rows(len(users)).tolist())
         prompts, shown = [], []
         for row in range(len(users)):
             candidates = torch.cat([targets[row:row + 1], negatives[row]])
             candidates = candidates[torch.randperm(len(candidates), generator=generator).to(self.device)]
-            prompts.append(self.prompt_embeddings(user_vectors[row], self.history(interaction, row), candidates))
-            shown.append(candidates)
+            if row in own:  # every row's permutation is drawn: the generator stream of one process
+                prompts.append(self.prompt_embeddings(user_vectors[row], self.history(interaction, row), candidates))
+                shown.append((candidates, targets[row]))
+        if not shown:
+            self.loss_weight = 0.0
+            return None
         if self.stage2_objective == "generation":
-            loss = target_token_loss(self.llm, prompts, [self.title_token_ids(int(t)) for t in targets])
+            target_ids = [self.title_token_ids(int(t)) for _, t in shown]
+            # the loss is a mean over target tokens: this rank's share is its share of the tokens
+            self.loss_weight = sum(map(len, target_ids)) / sum(len(self.title_token_ids(int(t))) for t in targets)
+            loss = target_token_loss(self.llm, prompts, target_ids)
             self.last_losses = {"target": loss.item()}
-            return loss
-        titles = [[self.title_token_ids(int(i)) for i in candidates] for candidates in shown]
+            return loss * self.loss_weight
+        self.loss_weight = len(shown) / len(users)
+        titles = [[self.title_token_ids(int(i)) for i in candidates] for candidates, _ in shown]
         per_token = branch_log_likelihoods(self.llm, prompts, titles)
         reduce = (lambda t: t.mean()) if self.score_reduction == "mean" else (lambda t: t.sum())
         scores = torch.stack([torch.stack([reduce(t) for t in row]) for row in per_token])
-        position = torch.stack([(candidates == t).nonzero()[0, 0] for candidates, t in zip(shown, targets)])
+        position = torch.stack([(candidates == t).nonzero()[0, 0] for candidates, t in shown])
         loss = F.cross_entropy(scores, position.to(scores.device))
         self.last_losses = {"listwise": loss.item(),
                             "target_rank_1": float((scores.argmax(1) == position.to(scores.device)).float().mean())}
-        return loss
+        return loss * self.loss_weight
 
     def calculate_loss(self, interaction, generator=None):
         generator = generator or torch.Generator().manual_seed(self.seed)

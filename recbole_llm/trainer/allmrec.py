@@ -19,11 +19,15 @@ from recbole.trainer import Trainer
 from recbole.utils import set_color
 from tqdm import tqdm
 
+from recbole_llm import distributed
 from recbole_llm.checkpoint import CheckpointSafeMixin, load_checkpoint, load_into_model
 from recbole_llm.data.scenarios import limit_users
 
 
 class ALLMRecTrainer(CheckpointSafeMixin, Trainer):
+    # multi-process: every rank walks the same seeded batches and computes the loss of its share of
+    # each (ALLMRec.loss_shard); the gradients are summed over the ranks
+    recbole_training_loop = False
     def __init__(self, config, model):
         super().__init__(config, model)
         self.stages = [int(s) for s in (config["stages"] if config["stages"] is not None else [1, 2])]
@@ -54,7 +58,8 @@ class ALLMRecTrainer(CheckpointSafeMixin, Trainer):
 
     def _begin_stage(self, stage, resumed_state=None):
         lr = float(self.config[f"stage{stage}_lr"])
-        self.optimizer = torch.optim.Adam(self._stage_parameters(stage), lr=lr, betas=(0.9, 0.98))
+        self.stage_parameters = self._stage_parameters(stage)
+        self.optimizer = torch.optim.Adam(self.stage_parameters, lr=lr, betas=(0.9, 0.98))
         if resumed_state is not None:
             self.optimizer.load_state_dict(resumed_state)
         self.model.stage = stage
@@ -91,19 +96,27 @@ class ALLMRecTrainer(CheckpointSafeMixin, Trainer):
         if show_progress:
             batches = tqdm(batches, desc=set_color(f"Stage {stage} epoch {global_epoch:>3}", "pink"), ncols=100)
         totals, count = {}, 0
+        if distributed.is_distributed(self.config):
+            self.model.loss_shard = distributed.rank_and_world(self.config)
         for start in batches:
             index = torch.from_numpy(rows[start:start + batch_size])
             interaction = feat[index].to(self.device)
             self.optimizer.zero_grad()
-            loss = self.model.calculate_loss(interaction, generator)
-            self._check_nan(loss)
-            loss.backward()
+            loss = self.model.calculate_loss(interaction, generator)  # None: no rows for this rank
+            if loss is not None:
+                self._check_nan(loss)
+                loss.backward()
+            distributed.all_reduce_gradients(self.stage_parameters, self.config)
             if self.clip_grad_norm:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), **self.clip_grad_norm)
             self.optimizer.step()
-            totals["loss"] = totals.get("loss", 0.0) + loss.item()
-            for key, value in self.model.last_losses.items():
-                totals[key] = totals.get(key, 0.0) + value
+            weight = self.model.loss_weight
+            parts = {"loss": loss.item() / weight} if loss is not None else {}
+            if loss is not None:
+                parts.update(self.model.last_losses)
+            for shares in distributed.gather([{k: v * weight for k, v in parts.items()}], self.config):
+                for key, value in shares.items():
+                    totals[key] = totals.get(key, 0.0) + value
             count += 1
         return {key: value / max(count, 1) for key, value in totals.items()}, len(rows)
 

@@ -39,6 +39,7 @@ from recbole.utils import set_color
 from scipy.stats import rankdata
 from tqdm import tqdm
 
+from recbole_llm import distributed
 from recbole_llm.checkpoint import CheckpointSafeMixin
 
 
@@ -82,21 +83,25 @@ class TaskEvaluation(CheckpointSafeMixin):
             self._load_best_into_model(model_file)
         self.model.eval()
         k = int(self.config["meta_ndcg_k"] or 3)
-        struct, per_task = DataStruct(), {f"ndcg@{k}": [], "spearman": [], "spearman_before": [], "spread": []}
+        records = []  # per task: (predictions, true ratings, un-adapted predictions or None)
         batches = tqdm(eval_data, desc=set_color("Evaluate   ", "pink"), ncols=100) if show_progress else eval_data
         for tasks in batches:
-            for task in tasks:
+            for task in distributed.shard(tasks, self.config):  # every rank predicts its share
                 pred = self.predict_task(task).detach().float().cpu()
-                true = task.query_ratings.float()
-                struct.update_tensor("rec.score", pred)
-                struct.update_tensor("data.label", task.query_ratings)
-                per_task[f"ndcg@{k}"].append(graded_ndcg(pred.numpy(), true.numpy(), k))
-                per_task["spearman"].append(rank_correlation(pred.numpy(), true.numpy()))
+                before = None
                 if getattr(self.model, "adapts_locally", False):
                     before = self.model.adapt_and_predict(task, steps=0).detach().float().cpu()
-                    per_task["spearman_before"].append(rank_correlation(before.numpy(), true.numpy()))
-                if true.std() > 0:
-                    per_task["spread"].append(float(pred.std() / true.std()))
+                records.append((pred, task.query_ratings.float(), before))
+        struct, per_task = DataStruct(), {f"ndcg@{k}": [], "spearman": [], "spearman_before": [], "spread": []}
+        for pred, true, before in distributed.gather(records, self.config):
+            struct.update_tensor("rec.score", pred)
+            struct.update_tensor("data.label", true)
+            per_task[f"ndcg@{k}"].append(graded_ndcg(pred.numpy(), true.numpy(), k))
+            per_task["spearman"].append(rank_correlation(pred.numpy(), true.numpy()))
+            if before is not None:
+                per_task["spearman_before"].append(rank_correlation(before.numpy(), true.numpy()))
+            if true.std() > 0:
+                per_task["spread"].append(float(pred.std() / true.std()))
         result = self.evaluator.evaluate(struct)
         for name, values in per_task.items():
             if values:
@@ -105,6 +110,8 @@ class TaskEvaluation(CheckpointSafeMixin):
 
 
 class EpisodicTrainer(TaskEvaluation, Trainer):
+    recbole_training_loop = False  # every rank takes its share of each meta-batch; gradients summed
+
     def predict_task(self, task):
         return self.model.adapt_and_predict(task)
 
@@ -116,11 +123,13 @@ class EpisodicTrainer(TaskEvaluation, Trainer):
         for tasks in batches:
             self.optimizer.zero_grad()
             batch_loss = 0.0
-            for task in tasks:
+            for task in distributed.shard(tasks, self.config):
                 loss = self.model.calculate_loss(task) / len(tasks)
                 self._check_nan(loss)
                 loss.backward()  # per task, so each task's graph is freed at once
                 batch_loss += loss.item()
+            distributed.all_reduce_gradients(self.model.parameters(), self.config)
+            batch_loss = distributed.all_reduce_sum(batch_loss, self.config)
             if self.clip_grad_norm:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), **self.clip_grad_norm)
             self.optimizer.step()
