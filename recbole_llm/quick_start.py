@@ -224,6 +224,8 @@ def train_and_test(config, saved=True, verbose=True):
         "test_result": test_result,
         "group_results": evaluate_groups(trainer, groups),
     }
+    if getattr(trainer, "stage_times", None):  # ALLMRec's training seconds per stage
+        result["stage_seconds"] = {stage: round(seconds, 2) for stage, seconds in trainer.stage_times.items()}
     controls = control_trainers(config, train_data)
     if controls:  # the simplest explanations of the number, on the same users and candidates
         result["control_results"] = {
