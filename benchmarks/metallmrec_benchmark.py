@@ -59,6 +59,7 @@ METHODS = {
     # the solve; "-only": no SGD steps, the ridge term is the whole adaptation
     "MetaLLMRec-ridge": ("MetaLLMRec", {"local_head": "ridge"}),
     "MetaLLMRec-ridge-only": ("MetaLLMRec", {"local_head": "ridge", "local_update": 0}),
+    "MetaLLMRec-ridge-median": ("MetaLLMRec", {"local_head": "ridge", "ridge_intercept": "median"}),
     # what the texts carry: every user's (item's) text given to another
     "MetaLLMRec-shuffle-user": ("MetaLLMRec", {"text_shuffle": ["user"]}),
     "MetaLLMRec-shuffle-item": ("MetaLLMRec", {"text_shuffle": ["item"]}),
@@ -258,10 +259,10 @@ def main():
         "",
         diagnostics(runs, args.methods),
         "",
-        "Against the references (cold scenarios; paired per run, 95% t interval over runs):",
-        "",
-        rival_check(runs, "MetaLLMRec", [m for m in ("MeLU-5-fair", "ItemMean", "SupportMedian", "SupportRidge") if m in args.methods]),
-        "",
+        *[part for ours in ("MetaLLMRec", "MetaLLMRec-ridge") if ours in args.methods for part in (
+            f"{ours} against the references (cold scenarios; paired per run, 95% t interval over runs):", "",
+            rival_check(runs, ours, [m for m in ("MeLU-5-fair", "ItemMean", "SupportMedian", "SupportRidge")
+                                     if m in args.methods]), "")],
         "Goal check (mean MAE over runs (seeds or folds), cold scenarios; paired per run):",
         "",
         goal_check(runs),

@@ -236,6 +236,7 @@ def test_bias_only_adaptation_changes_the_output_bias_and_nothing_else():
     {"meta_sgd": True},
     {"local_lr": 0.05, "local_update": 8},
     {"local_head": "ridge"},
+    {"local_head": "ridge", "ridge_intercept": "median"},
 ])
 def test_each_inner_loop_option_trains_and_evaluates(options):
     config, dataset, model, (train, valid, _) = build(meta_backend="func", **options)
@@ -312,3 +313,13 @@ def test_support_ridge_leave_one_out_residuals_equal_refitting_without_each_rati
     assert lam == 0.01
     query = torch.randn(20, 5, generator=generator, dtype=torch.float64)
     assert rank_correlation(ridge_predict(x, r, query, lam).float(), (query @ taste).float()) > 0.9
+
+
+def test_ridge_intercept_is_the_mean_or_the_median_of_the_residuals():
+    from recbole_llm.model.ridge import ridge_predict
+
+    x = torch.randn(9, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    r = torch.tensor([3.0, 3, 3, 4, 4, 4, 5, 5, 40], dtype=torch.float64)  # one outlier
+    query = torch.zeros(1, 4, dtype=torch.float64) + x.mean(0)  # at the centre: the intercept alone
+    assert float(ridge_predict(x, r, query, 1e9)) == pytest.approx(float(r.mean()))
+    assert float(ridge_predict(x, r, query, 1e9, intercept="median")) == pytest.approx(4.0, abs=1e-6)

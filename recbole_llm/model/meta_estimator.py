@@ -31,8 +31,8 @@ or ``all_but_output_bias``; ``meta_sgd: True`` meta-learns one local learning ra
 
 ``local_head: ridge`` (ours; not in the paper) adds a closed-form per-user term after the local
 steps: ridge regression of the support residuals on the estimator's input features (the user part
-is constant within a task and centres away), with an unpenalised intercept and a meta-learned
-lambda (starting at ``ridge_lambda``). Meta-training differentiates through the solve (as R2D2,
+is constant within a task and centres away), with an unpenalised intercept (``ridge_intercept``: the residuals' mean, or their median, which
+L1 asks for) and a meta-learned lambda (starting at ``ridge_lambda``). Meta-training differentiates through the solve (as R2D2,
 Bertinetto et al. 2019), so the global features are learned for a per-user linear fit: the inner
 loop gets the taste term that SupportRidge shows the texts carry and a few SGD steps do not find.
 """
@@ -85,6 +85,9 @@ class MetaEstimator(EpisodicRecommender):
             if lam <= 0:
                 raise ValueError(f"ridge_lambda must be positive, got {lam}")
             self.log_ridge_lambda = nn.Parameter(torch.tensor(math.log(lam)))
+            self.ridge_intercept = config["ridge_intercept"] or "mean"
+            if self.ridge_intercept not in ("mean", "median"):
+                raise ValueError(f"ridge_intercept must be 'mean' or 'median', got {self.ridge_intercept!r}")
 
     def _loss(self, key, name):
         if str(name).upper() not in LOSSES:
@@ -135,7 +138,7 @@ class MetaEstimator(EpisodicRecommender):
             return self.adapted_predict(x_s, y_s, x_q, steps, track_meta_grads)
         both = self.adapted_predict(x_s, y_s, torch.cat([x_s, x_q]), steps, track_meta_grads)
         fitted, out = both[:len(x_s)], both[len(x_s):]
-        out = out + ridge_predict(x_s, y_s - fitted, x_q, self.log_ridge_lambda.exp())
+        out = out + ridge_predict(x_s, y_s - fitted, x_q, self.log_ridge_lambda.exp(), self.ridge_intercept)
         return out if track_meta_grads else out.detach()
 
     def _adapt_higher(self, x_s, y_s, x_q, steps, track):

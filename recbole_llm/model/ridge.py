@@ -24,12 +24,17 @@ def choose_lambda(support_x, support_r, lambdas):
     return best[1], best[2]
 
 
-def ridge_predict(support_x, support_r, query_x, lam):
+def ridge_predict(support_x, support_r, query_x, lam, intercept="mean"):
     """Ridge predictions for ``query_x`` fitted on ``(support_x, support_r)``, differentiable with
-    respect to all inputs and ``lam`` (a scalar tensor or float): the support mean of ``r`` plus
-    ``(x - mean x) . w`` with ``w = X_c^T (X_c X_c^T + lam I)^-1 (r - mean r)``."""
+    respect to all inputs and ``lam`` (a scalar tensor or float): an intercept plus
+    ``(x - mean x) . w`` with ``w = X_c^T (X_c X_c^T + lam I)^-1 (r - mean r)``. The intercept is the
+    support mean of ``r`` (least squares) or, with ``intercept="median"``, the median of the support
+    residuals of the linear term (the L1-optimal offset for that ``w``)."""
     centre = support_x.mean(0)
     x_s, x_q = support_x - centre, query_x - centre
     eye = torch.eye(len(support_r), dtype=support_x.dtype, device=support_x.device)
     alpha = torch.linalg.solve(x_s @ x_s.T + lam * eye, support_r - support_r.mean())
-    return support_r.mean() + x_q @ (x_s.T @ alpha)
+    weights = x_s.T @ alpha
+    if intercept == "median":
+        return (support_r - x_s @ weights).median() + x_q @ weights
+    return support_r.mean() + x_q @ weights
