@@ -33,6 +33,8 @@ WEIGHTS = (0.01, 0.03, 0.3, 1.0)
 for _judge, _label in (("llm", "llm"), ("llm_pointwise", "pw"), ("embedding", "emb"), ("random", "random")):
     METHODS[f"AugBPR-{_label}"] = {"judge": _judge}
     METHODS.update({f"AugBPR-{_label}-w{w}": {"judge": _judge, "aug_weight": w} for w in WEIGHTS})
+    # "-cw": each judged (user, cold item) also judged against one unseen warm item (not in the paper)
+    METHODS[f"AugBPR-{_label}-cw"] = {"judge": _judge, "aug_warm_pairs_per_user": 1}
 DEFAULT_METHODS = ["base", "AugBPR-llm", "AugBPR-emb"]
 # base model -> settings that keep its runs affordable on 2 CPU cores
 BASES = {
@@ -59,6 +61,7 @@ def run_one(base, method, dataset, seed, overrides):
             "best_valid": dict(result["best_valid_result"] or {}),
             "valid_groups": {k: dict(v) for k, v in result.get("valid_group_results", {}).items()},
             "groups": {k: dict(v) for k, v in groups.items()},
+            "chance": {"test": result.get("chance_result"), **result.get("group_chance", {})},
             "extra": result.get("extra_results", {})}
 
 
@@ -95,6 +98,10 @@ def results_table(runs, bases, methods):
                     m, s = mean_std([r["groups"][group][metric] for r in found])
                     cells.append(f"{m:.4f} ± {s:.4f}")
             lines.append(f"| {base} | {method} | " + " | ".join(cells) + f" | {len(found)} |")
+    chance = next((r["chance"] for r in runs if r.get("chance", {}).get("test")), None)
+    if chance:  # the split is the same for every run, so is a random ranking's expectation
+        cells = [f"{chance[g][m]:.4f}" for g in GROUPS[:3] for m in METRICS]
+        lines.append("| any | chance (random ranking, exact) | " + " | ".join(cells) + " | - |")
     return "\n".join(lines)
 
 
@@ -128,15 +135,16 @@ def judge_table(runs):
     lines = ["| judge | pairs judged | kept | judging s (first run) | pairs/s | first shown wins | orders agree | "
              "held-out accuracy (chance 0.5) | truth pairs |", "|---|---|---|---|---|---|---|---|---|"]
     judged = [r for r in runs if r["extra"].get("judging")]
-    for judge in ("llm", "llm_pointwise", "embedding", "random"):
-        found = [r for r in judged if r["config"].get("judge", "llm") == judge]
+    for judge, warm in [(j, w) for j in ("llm", "llm_pointwise", "embedding", "random") for w in (0, 1)]:
+        found = [r for r in judged if r["config"].get("judge", "llm") == judge
+                 and r["config"].get("aug_warm_pairs_per_user", 0) == warm]
         if not found:
             continue
         first = max(found, key=lambda r: r["extra"]["judging"]["computed"])  # the run that paid for judging
         j, acc = first["extra"]["judging"], first["extra"].get("judge_accuracy", {})
         paid = j["computed"] > 0  # else every stored run read the judgements from an earlier run's cache
         seconds, rate = (j["seconds"], j["pairs_per_s"]) if paid else ("cached by an earlier run", "-")
-        lines.append(f"| {judge} | {j['pairs']} | {j['kept']} | {seconds} | {rate} | "
+        lines.append(f"| {judge}{' + warm pairs' if warm else ''} | {j['pairs']} | {j['kept']} | {seconds} | {rate} | "
                      f"{j.get('first_shown_wins', '-')} | {j.get('orders_agree', '-')} | {acc.get('accuracy', '-')} | {acc.get('pairs', '-')} |")
     return "\n".join(lines)
 

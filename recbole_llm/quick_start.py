@@ -20,7 +20,7 @@ import time
 from logging import getLogger
 
 import torch
-from recbole.data.dataloader import TrainDataLoader
+from recbole.data.dataloader import FullSortEvalDataLoader, TrainDataLoader
 from recbole.utils import init_logger, init_seed, set_color
 from recbole.utils.utils import dict2str
 
@@ -202,6 +202,55 @@ def chance_result(config, metrics):
     return out
 
 
+def full_sort_chance(loader, metrics):
+    """Expected metrics of a uniformly random ranking under full ranking, averaged over the users
+    of ``loader`` as RecBole averages them: each user's candidates are the items the loader does
+    not mask (history, padding item, items excluded by a ``CandidateMaskedLoader``), and their
+    positives are the user's rows. Exact for Recall, Precision, Hit, NDCG and MRR (by linearity
+    over ranks); other metrics are left out."""
+    item_num = loader._dataset.item_num
+    per_user = {metric: [] for metric in metrics}
+    for _, history, positive_u, positive_i in loader:
+        n_rows = int(positive_u.max()) + 1
+        masked = torch.zeros(n_rows, item_num, dtype=torch.bool)
+        if history is not None:
+            masked[history[0], history[1]] = True
+        masked[:, 0] = True
+        masked[positive_u, positive_i] = False
+        candidates = (item_num - masked.sum(1)).double()  # N: items a random ranking orders
+        positives = torch.bincount(positive_u, minlength=n_rows).double()  # P
+        for metric in metrics:
+            name, _, k = metric.partition("@")
+            value = _random_ranking_metric(name, int(k), candidates, positives)
+            if value is not None:
+                per_user[metric].append(value)
+    return {metric: float(torch.cat(values).mean()) for metric, values in per_user.items() if values}
+
+
+def _random_ranking_metric(name, k, n, p):
+    """Per-user expectation of ``name@k`` when ``p`` positives lie uniformly among ``n`` candidates."""
+    ranks = torch.arange(1, k + 1, dtype=torch.double)
+    shown = torch.minimum(torch.full_like(n, k), n)  # a user with fewer than k candidates shows all
+    if name == "recall":
+        return shown / n
+    if name == "precision":
+        return p * shown / n / k
+    discount = 1 / torch.log2(ranks + 1)
+    in_list = ranks[None, :] <= n[:, None]
+    if name == "ndcg":  # E[DCG] = sum over ranks of P(positive at r) / log2(r + 1); IDCG is fixed
+        ideal = torch.stack([discount[:int(min(q, k))].sum() for q in p.tolist()])
+        return (p / n) * (discount[None, :] * in_list).sum(1) / ideal
+    # P(no positive in the first r - 1 ranks), then P(first positive at rank r)
+    misses = ((n[:, None] - p[:, None] - ranks[None, :] + 1) / (n[:, None] - ranks[None, :] + 1)).clamp(min=0)
+    none_before = torch.cumprod(torch.cat([torch.ones_like(n)[:, None], misses[:, :-1]], 1), 1)
+    first_at = none_before * (p[:, None] / (n[:, None] - ranks[None, :] + 1)).clamp(max=1) * in_list
+    if name == "hit":
+        return first_at.sum(1)
+    if name == "mrr":
+        return (first_at / ranks[None, :]).sum(1)
+    return None
+
+
 def train_and_test(config, saved=True, verbose=True):
     """Train the configured model, test it overall and per group: ``(trainer, result dict)``."""
     logger = getLogger()
@@ -232,6 +281,10 @@ def train_and_test(config, saved=True, verbose=True):
             name: {"test": evaluate_seeded(control, test_data), **evaluate_groups(control, groups)}
             for name, control in controls.items()}
     chance = chance_result(config, test_result)
+    if chance is None and isinstance(test_data, FullSortEvalDataLoader):
+        chance = full_sort_chance(test_data, test_result)
+        result["group_chance"] = {name: full_sort_chance(loader, test_result) for name, loader in groups.items()
+                                  if isinstance(loader, FullSortEvalDataLoader)}
     if chance:
         result["chance_result"] = chance
     if groups and config["eval_valid_groups"] and not hasattr(dataset, "evaluation_loaders"):
@@ -252,6 +305,7 @@ def format_results(result):
         rows.update({f"{control}: {name}": values for name, values in results.items()})
     if result.get("chance_result"):
         rows["chance"] = result["chance_result"]
+    rows.update({f"chance: {name}": values for name, values in result.get("group_chance", {}).items()})
     metrics = list(result["test_result"])
     width = max(len(name) for name in rows)
     cols = [max(10, len(m)) for m in metrics]

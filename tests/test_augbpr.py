@@ -189,6 +189,23 @@ def test_sampled_pairs_are_distinct_cold_items_of_users_with_enough_history():
     assert set(pairs[:, 1:].flatten().tolist()) <= {7, 8, 9}
 
 
+def test_warm_pairs_are_unseen_warm_items_for_each_judged_user_and_cold_item():
+    histories = [[], [1, 2], [1, 2, 3, 4, 5]]
+    pairs = torch.tensor([[1, 7, 8], [1, 7, 9], [2, 8, 7]])  # (1, 7) twice: one set of warm items
+    warm = judges.warm_pairs(pairs, histories, [1, 2, 3, 4, 5, 6], per_pair=2, seed=0)
+    assert warm[:, :2].tolist() == [[1, 7], [1, 7], [2, 8]], "one unseen item only is left for user 2"
+    assert warm[2, 2] == 6 and set(warm[:2, 2].tolist()) <= {3, 4, 5, 6} and warm[0, 2] != warm[1, 2]
+
+
+def test_cold_items_are_also_judged_against_warm_items_when_asked():
+    _, dataset, _, model = _built(base_model="BPR", judge="embedding", aug_warm_pairs_per_user=1)
+    cold = dataset.eval_groups["cold_start_items"][1]
+    both_cold = cold[model.aug_pairs[:, 1]] & cold[model.aug_pairs[:, 2]]
+    one_warm = cold[model.aug_pairs[:, 1]] ^ cold[model.aug_pairs[:, 2]]
+    assert both_cold.any() and one_warm.any() and (both_cold | one_warm).all()
+    assert model.judge_report["warm_pairs"] == model.judge_report["pairs"] // 2
+
+
 def test_the_llm_judge_decides_in_fp32_unless_told_otherwise():
     def judge_dtype(**settings):
         config = Config(config_file_list=[ML_TINY_YAML], config_dict=_augbpr_config(base_model="BPR", **settings))

@@ -62,6 +62,9 @@ def test_augbpr(name):
     assert {"cold_start_items", "cold_start_items@cold", "warm_start_items"} <= set(result["group_results"])
     assert "recall@50" in result["group_results"]["cold_start_items@cold"]
     assert set(result["valid_group_results"]) == set(result["group_results"])
+    chance = result["group_chance"]  # a random ranking's expected metrics, per group
+    assert set(chance) == set(result["group_results"]) and "recall@50" in result["chance_result"]
+    assert chance["cold_start_items@cold"]["recall@5"] > chance["cold_start_items"]["recall@5"] > 0
     judging = result["extra_results"]["judging"]
     assert judging["pairs"] == judging["kept"] + judging["dropped"] > 0
     accuracy = result["extra_results"]["judge_accuracy"]

@@ -1,4 +1,5 @@
 """Running RecBole's own models through the plugin: train, reload the best checkpoint, tune."""
+import itertools
 import math
 import os
 import subprocess
@@ -10,7 +11,7 @@ import torch
 
 from conftest import DATA_DIR, ML_TINY_YAML, tiny_config
 from recbole_llm.config import Config
-from recbole_llm.quick_start import (chance_result, control_trainers, load_data_and_model, objective_function, prepare,
+from recbole_llm.quick_start import (chance_result, control_trainers, full_sort_chance, load_data_and_model, objective_function, prepare,
                                      run_recbole_llm)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,6 +97,47 @@ def test_chance_level_of_sampled_evaluation_by_hand():
                                     "mrr@3": (1 + 1 / 2 + 1 / 3) / 20})
     assert chance_result({"eval_args": {"mode": "pop4"}}, ["hit@10"]) == {"hit@10": 1.0}
     assert chance_result({"eval_args": {"mode": "full"}}, ["hit@1"]) is None
+
+
+def _enumerated_metrics(n, positives, k):
+    """Exact expectations over every ordering of n candidates whose first ``positives`` are relevant."""
+    totals = dict.fromkeys(("recall", "precision", "hit", "ndcg", "mrr"), 0.0)
+    orders = list(itertools.permutations(range(n)))
+    ideal = sum(1 / math.log2(r + 2) for r in range(min(positives, k)))
+    for order in orders:
+        top = [item < positives for item in order[:k]]
+        totals["recall"] += sum(top) / positives
+        totals["precision"] += sum(top) / k
+        totals["hit"] += any(top)
+        totals["ndcg"] += sum(1 / math.log2(r + 2) for r, rel in enumerate(top) if rel) / ideal
+        totals["mrr"] += next((1 / (r + 1) for r, rel in enumerate(top) if rel), 0.0)
+    return {name: total / len(orders) for name, total in totals.items()}
+
+
+class _FullSortBatches(list):
+    """Batches shaped like RecBole's full-sort loader: (users, (history rows, items), positive rows, items)."""
+
+    def __init__(self, item_num, batches):
+        super().__init__(batches)
+        self._dataset = type("D", (), {"item_num": item_num})()
+
+
+def test_full_ranking_chance_equals_enumerating_every_ordering():
+    # items 1..7 (0 is padding). user 0: history {1, 2}, positives {3, 4}: 5 candidates, 2 relevant.
+    # user 1: history {5}, positive {6}: 6 candidates, 1 relevant. user 2 (second batch): no history,
+    # positives {1, 2, 3}: 7 candidates.
+    t = torch.tensor
+    loader = _FullSortBatches(8, [
+        (None, (t([0, 0, 1]), t([1, 2, 5])), t([0, 0, 1]), t([3, 4, 6])),
+        (None, None, t([0, 0, 0]), t([1, 2, 3])),
+    ])
+    metrics = ["recall@3", "precision@3", "hit@3", "ndcg@3", "mrr@3", "recall@10"]
+    chance = full_sort_chance(loader, metrics)
+    users = [(5, 2), (6, 1), (7, 3)]
+    for metric in metrics:
+        name, _, k = metric.partition("@")
+        expected = sum(_enumerated_metrics(n, p, int(k))[name] for n, p in users) / len(users)
+        assert chance[metric] == pytest.approx(expected), metric
 
 
 def test_unknown_control_is_named():

@@ -371,6 +371,23 @@ def sample_pairs(histories, candidates, users_per_item, pairs_per_user, min_hist
     return torch.as_tensor(np.array(rows, dtype=np.int64).reshape(-1, 3))
 
 
+def warm_pairs(pairs, histories, warm_items, per_pair, seed):
+    """Pairs ``(user, a, w)``: for each distinct ``(user, a)`` of ``pairs`` [n, 3], ``per_pair``
+    random ``warm_items`` the user has no training interaction with. Judged against ``a``, they
+    place cold items among warm ones, not only among themselves."""
+    warm_items = np.sort(np.asarray(list(warm_items), dtype=np.int64))
+    if per_pair > 0 and len(warm_items) == 0:
+        raise ValueError("aug_warm_pairs_per_user > 0 needs warm items, and every item is cold-start")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for user, a in dict.fromkeys(map(tuple, np.asarray(pairs)[:, :2].tolist())):
+        seen = set(np.asarray(histories[user]).tolist())
+        unseen = warm_items[~np.isin(warm_items, list(seen))] if seen else warm_items
+        chosen = rng.choice(unseen, size=min(per_pair, len(unseen)), replace=False) if len(unseen) else []
+        rows += [(user, a, int(w)) for w in chosen]
+    return torch.as_tensor(np.array(rows, dtype=np.int64).reshape(-1, 3))
+
+
 def truth_pairs(held_out, interacted, candidates, histories, min_history, max_pairs, seed):
     """Held-out truth ``(user, positive, negative)``: ``positive`` is a candidate the user interacted
     with in ``held_out`` (pairs of user and item ids), ``negative`` a random candidate the user never

@@ -9,7 +9,10 @@ synthetic preferences between cold-start items::
 The pairs come from a judge (``recbole_llm/llm/judge.py``): for every cold-start item
 (``cold_item_args``), ``aug_users_per_item`` users with at least ``aug_min_history`` training items
 are paired with ``aug_pairs_per_user`` other cold-start items, and the judge (an LLM asked "A or
-B?" in both orders, or a sentence-embedding similarity) says which one the user prefers. Scores
+B?" in both orders, or a sentence-embedding similarity) says which one the user prefers. With
+``aug_warm_pairs_per_user`` > 0 (not in the paper) each judged (user, cold item) is also judged
+against that many random warm items the user has not trained on: cold-only pairs order cold items
+among themselves, so they never reach the warm items' score range and rank last among all items. Scores
 ``s`` come from the base model's own ``predict``, so the loss reaches any model's item
 representations; cold-start items otherwise receive no positive training signal. General and
 context-aware models trained pointwise (NeuMF, DMF, FM, ...) predict a probability sigmoid(x);
@@ -106,6 +109,7 @@ class AugBPR(AbstractRecommender):
         if not cold:
             raise ValueError("AugBPR judges pairs of cold-start items: set cold_item_args, e.g. {ratio: 0.2, by: time}")
         self.cold_items = sorted(cold)
+        self.warm_items = sorted(set(range(1, dataset.item_num)) - set(self.cold_items))  # 0 is padding
         self.histories = user_histories(dataset)
         self.min_history = int(config["aug_min_history"])
         if self.min_history < 1:
@@ -141,6 +145,14 @@ class AugBPR(AbstractRecommender):
         pairs = judges.sample_pairs(self.histories, self.cold_items, int(config["aug_users_per_item"]),
                                     int(config["aug_pairs_per_user"]), self.min_history, config["aug_seed"])
         probs, report = self._judge(pairs)
+        per_pair = int(config["aug_warm_pairs_per_user"] or 0)
+        if per_pair > 0:  # judged separately, so the cold pairs' cached judgements are reused
+            warm = judges.warm_pairs(pairs, self.histories, self.warm_items, per_pair, config["aug_seed"])
+            warm_probs, warm_report = self._judge(warm)
+            pairs, probs = torch.cat([pairs, warm]), torch.cat([probs, warm_probs])
+            report = {key: report[key] + warm_report[key] for key in ("pairs", "computed", "reused", "seconds")}
+            report["pairs_per_s"] = round(report["computed"] / report["seconds"], 2) if report["computed"] else float("nan")
+            report["warm_pairs"] = len(warm)
         keep, a_wins, confidence = judges.decide(probs, float(config["aug_min_confidence"]))
         users, a, b = pairs.T
         self.judge_report = {**report, "kept": int(keep.sum()), "dropped": int((~keep).sum()),
