@@ -35,6 +35,8 @@ for _judge, _label in (("llm", "llm"), ("llm_pointwise", "pw"), ("embedding", "e
     METHODS.update({f"AugBPR-{_label}-w{w}": {"judge": _judge, "aug_weight": w} for w in WEIGHTS})
     # "-cw": each judged (user, cold item) also judged against one unseen warm item (not in the paper)
     METHODS[f"AugBPR-{_label}-cw"] = {"judge": _judge, "aug_warm_pairs_per_user": 1}
+    # "-k<share>": only that share of the judged pairs, the most confident ones
+    METHODS.update({f"AugBPR-{_label}-k{k}": {"judge": _judge, "aug_keep_fraction": k} for k in (0.25, 0.5)})
 DEFAULT_METHODS = ["base", "AugBPR-llm", "AugBPR-emb"]
 # base model -> settings that keep its runs affordable on 2 CPU cores
 BASES = {
@@ -150,9 +152,10 @@ def judge_table(runs):
 
 
 def valid_choice_table(runs, bases):
-    """aug_weight chosen on validation only: per base model and judge, the weight with the best mean
-    validation cold@cold Recall@50 among those whose validation warm Recall@50 drops by <= 2%."""
-    lines = ["| base | judge | weights tried | chosen (validation) | test cold@cold R@50: base → chosen | "
+    """aug_weight or aug_keep_fraction chosen on validation only: per base model and judge, the
+    setting with the best mean validation cold@cold Recall@50 among those whose validation warm
+    Recall@50 drops by <= 2%."""
+    lines = ["| base | judge | settings tried | chosen (validation) | test cold@cold R@50: base → chosen | "
              "test warm R@50: base → chosen | warm change | goal |", "|---|---|---|---|---|---|---|---|"]
     mean = lambda rs, key, g: float(np.mean([r[key][g]["recall@50"] for r in rs]))  # noqa: E731
     for base in bases:
@@ -162,7 +165,7 @@ def valid_choice_table(runs, bases):
         seeds, plain_valid_warm = {r["seed"] for r in plain}, mean(plain, "valid_groups", "warm_start_items")
         for label in ("llm", "pw", "emb", "random"):
             family = sorted({r["method"] for r in runs if r["base"] == base and (
-                r["method"] == f"AugBPR-{label}" or r["method"].startswith(f"AugBPR-{label}-w"))})
+                r["method"] == f"AugBPR-{label}" or r["method"].startswith((f"AugBPR-{label}-w", f"AugBPR-{label}-k")))})
             if len(family) < 2:
                 continue
             candidates = []
@@ -174,11 +177,11 @@ def valid_choice_table(runs, bases):
                 candidates.append((warm >= -0.02, mean(rs, "valid_groups", "cold_start_items@cold"), method, rs))
             allowed = [c for c in candidates if c[0]] or candidates
             _, _, method, rs = max(allowed, key=lambda c: c[1])
-            weight = rs[0]["config"].get("aug_weight", 0.1)
+            setting = f"aug_weight {rs[0]['config'].get('aug_weight', 0.1)}, keep {rs[0]['config'].get('aug_keep_fraction', 1.0)}"
             cold_b, cold_o = mean(plain, "groups", "cold_start_items@cold"), mean(rs, "groups", "cold_start_items@cold")
             warm_b, warm_o = mean(plain, "groups", "warm_start_items"), mean(rs, "groups", "warm_start_items")
             change, goal = goal_verdict(cold_b, cold_o, warm_b, warm_o)
-            lines.append(f"| {base} | {label} | {len(candidates)} | {method} (aug_weight {weight}) | {cold_b:.4f} → {cold_o:.4f} | "
+            lines.append(f"| {base} | {label} | {len(candidates)} | {method} ({setting}) | {cold_b:.4f} → {cold_o:.4f} | "
                          f"{warm_b:.4f} → {warm_o:.4f} | {100 * change:+.1f}% | {goal} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
@@ -243,8 +246,8 @@ def main():
         "",
         goal_table(runs, args.bases, args.methods),
         "",
-        "aug_weight chosen on the validation rows (best validation cold@cold Recall@50 among the weights whose "
-        "validation warm Recall@50 drops by at most 2%), then its test numbers:",
+        "aug_weight and aug_keep_fraction chosen on the validation rows (best validation cold@cold Recall@50 among the "
+        "settings whose validation warm Recall@50 drops by at most 2%), then its test numbers:",
         "",
         valid_choice_table(runs, args.bases),
         "",

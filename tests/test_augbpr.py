@@ -189,6 +189,16 @@ def test_sampled_pairs_are_distinct_cold_items_of_users_with_enough_history():
     assert set(pairs[:, 1:].flatten().tolist()) <= {7, 8, 9}
 
 
+def test_keep_fraction_keeps_the_most_confident_share_of_the_decided_pairs():
+    probs = torch.tensor([[0.9, 0.9], [0.5, 0.5], [0.3, 0.3], [0.55, 0.55], [0.05, 0.05]])  # |2p-1|: .8 0 .4 .1 .9
+    keep, a_wins, _ = judges.decide(probs, keep_fraction=0.5)  # the tie is never kept: half of 4 decided
+    assert keep.tolist() == [True, False, False, False, True] and a_wins.tolist() == [True, False, False, True, False]
+    keep, _, _ = judges.decide(probs, min_confidence=0.2, keep_fraction=1.0)
+    assert keep.tolist() == [True, False, True, False, True]
+    with pytest.raises(ValueError, match="aug_keep_fraction"):
+        judges.decide(probs, keep_fraction=0)
+
+
 def test_warm_pairs_are_unseen_warm_items_for_each_judged_user_and_cold_item():
     histories = [[], [1, 2], [1, 2, 3, 4, 5]]
     pairs = torch.tensor([[1, 7, 8], [1, 7, 9], [2, 8, 7]])  # (1, 7) twice: one set of warm items

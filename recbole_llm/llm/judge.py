@@ -320,12 +320,23 @@ def judge_pairs(judge, pairs, cache_dir, chunk_size=None, show_progress=True):
     return probs, {"pairs": len(pairs), **stats, "seconds": round(seconds, 1), "pairs_per_s": round(rate, 2)}
 
 
-def decide(probs, min_confidence=0.0):
+def decide(probs, min_confidence=0.0, keep_fraction=1.0):
     """``(keep, a_wins, confidence)``: pairs judged with more than ``min_confidence``
-    (``|2p - 1|`` of the order-averaged probability ``p``; exact ties are always dropped)."""
+    (``|2p - 1|`` of the order-averaged probability ``p``; exact ties are always dropped), and of
+    those the ``keep_fraction`` most confident (a share, so one setting means the same for judges
+    whose probabilities live on different scales: PMI differences are several nats, cosine
+    differences a few hundredths)."""
+    if not 0 < keep_fraction <= 1:
+        raise ValueError(f"aug_keep_fraction must be in (0, 1], got {keep_fraction}")
     p = probs.float().mean(1)
     confidence = (2 * p - 1).abs()
     keep = (confidence > min_confidence) & (p != 0.5)
+    if keep_fraction < 1:
+        ranked = torch.argsort(torch.where(keep, confidence, torch.full_like(confidence, -1.0)),
+                               descending=True, stable=True)
+        most_confident = torch.zeros_like(keep)
+        most_confident[ranked[:round(keep_fraction * int(keep.sum()))]] = True
+        keep &= most_confident
     return keep, p > 0.5, confidence
 
 

@@ -153,7 +153,8 @@ class AugBPR(AbstractRecommender):
             report = {key: report[key] + warm_report[key] for key in ("pairs", "computed", "reused", "seconds")}
             report["pairs_per_s"] = round(report["computed"] / report["seconds"], 2) if report["computed"] else float("nan")
             report["warm_pairs"] = len(warm)
-        keep, a_wins, confidence = judges.decide(probs, float(config["aug_min_confidence"]))
+        keep, a_wins, confidence = judges.decide(probs, float(config["aug_min_confidence"]),
+                                                  float(config["aug_keep_fraction"] or 1.0))
         users, a, b = pairs.T
         self.judge_report = {**report, "kept": int(keep.sum()), "dropped": int((~keep).sum()),
                              **judges.order_diagnostics(probs)}
