@@ -12,8 +12,11 @@ the model in ``DistributedDataParallel(device_ids=[rank])``, which a CPU module 
   DistributedSampler: every rank walks the same seeded meta-batches, takes its share
   (``shard``), and the gradients are summed over ranks (``all_reduce_gradients``), so a
   2-process run computes the 1-process run's updates (same global batch);
-* ``main_process_first`` lets rank 0 build what is cached on disk (text embeddings, backbones)
-  while the other ranks wait, then read it;
+* ``main_process_first`` lets rank 0 train the prerequisites (ALLMRec's backbone) while the other
+  ranks wait, then read its checkpoint;
+* ``sharing_work`` makes chunked cache computations (text embeddings, LLM judgements) split their
+  chunks over the ranks: each computes its share, then all read the whole
+  (``recbole_llm.llm.cache.Cache.chunked``);
 * ``spawn`` starts ``nproc`` processes on this machine and returns rank 0's result.
 """
 import contextlib
@@ -84,6 +87,28 @@ def main_process_first(config):
         dist.barrier()
 
 
+_WORK_GROUP = None  # (rank, world) while ``sharing_work`` is active
+
+
+@contextlib.contextmanager
+def sharing_work(config):
+    """Inside, ``work_group()`` gives ``(rank, world)`` in a multi-process run, so that chunked
+    cache computations split their chunks over the ranks. Every rank must run the same
+    computations in the same order (each one ends with barriers)."""
+    global _WORK_GROUP
+    before = _WORK_GROUP
+    _WORK_GROUP = rank_and_world(config) if is_distributed(config) else None
+    try:
+        yield
+    finally:
+        _WORK_GROUP = before
+
+
+def work_group():
+    """``(rank, world)`` inside ``sharing_work`` of a multi-process run, else None."""
+    return _WORK_GROUP
+
+
 def shard(items, config):
     """This rank's share of a list: every ``world``-th item from ``rank``."""
     rank, world = rank_and_world(config)
@@ -136,8 +161,9 @@ def broadcast_object(value, config):
     return box[0]
 
 
-def barrier(config):
-    if is_distributed(config):
+def barrier(config=None):
+    """Wait for every rank (a no-op in one process); ``config=None``: the group of ``sharing_work``."""
+    if (is_distributed(config) if config is not None else _WORK_GROUP is not None):
         dist.barrier()
 
 

@@ -28,7 +28,7 @@ from recbole_llm.checkpoint import checkpoint_safe, load_checkpoint, load_into_m
 from recbole_llm.config import Config
 from recbole_llm.data import scenarios
 from recbole_llm.data.dataset import EpisodicDataset
-from recbole_llm.distributed import main_process_first, spawn
+from recbole_llm.distributed import main_process_first, sharing_work, spawn
 from recbole_llm.fast_kernels import use_fast_kernels
 from recbole_llm.llm.models import set_threads
 from recbole_llm.trainer import RatingBaselineTrainer
@@ -207,7 +207,8 @@ def full_sort_chance(loader, metrics):
     of ``loader`` as RecBole averages them: each user's candidates are the items the loader does
     not mask (history, padding item, items excluded by a ``CandidateMaskedLoader``), and their
     positives are the user's rows. Exact for Recall, Precision, Hit, NDCG and MRR (by linearity
-    over ranks); other metrics are left out."""
+    over ranks); other metrics are left out. In a multi-process run RecBole's loader holds this
+    rank's share of the users, and the chance is theirs."""
     item_num = loader._dataset.item_num
     per_user = {metric: [] for metric in metrics}
     for _, history, positive_u, positive_i in loader:
@@ -254,7 +255,10 @@ def _random_ranking_metric(name, k, n, p):
 def train_and_test(config, saved=True, verbose=True):
     """Train the configured model, test it overall and per group: ``(trainer, result dict)``."""
     logger = getLogger()
-    with main_process_first(config):  # rank 0 trains prerequisites and writes caches; the others read them
+    with main_process_first(config):  # rank 0 trains the prerequisites; the others then reuse them
+        check_output_dirs(config)
+        resolve_prerequisites(config)
+    with sharing_work(config):  # text embeddings and judgements: each rank computes a share
         dataset, train_data, valid_data, test_data = prepare(config)
         model = build_model(config, train_data)
     logger.info(model)
@@ -293,7 +297,8 @@ def train_and_test(config, saved=True, verbose=True):
         result["valid_group_results"] = evaluate_groups(trainer, scenarios.group_loaders(config, dataset, valid_data)[1])
     report = getattr(model, "extra_results", None)
     if report is not None:  # model-specific figures (e.g. AugBPR's judge quality and timing)
-        result["extra_results"] = report(train_data, valid_data, test_data)
+        with sharing_work(config):
+            result["extra_results"] = report(train_data, valid_data, test_data)
     return trainer, result
 
 

@@ -1,6 +1,7 @@
 """Multi-process training (``nproc=2``, gloo on the CPU) against the one-process run with the same
 global batch: the plugin's own loops (episodic, ALLMRec's stages) must compute the same updates;
-RecBole's own loop (BPR) must run under our gloo group; checkpoints are written once."""
+RecBole's own loop (BPR) must run under our gloo group; checkpoints are written once; chunked
+cache work (LLM judgements, text embeddings) is split over the ranks."""
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,21 @@ def test_two_processes_train_allmrec_stages_exactly_as_one():
 def test_recbole_models_train_in_two_processes_on_the_cpu():
     result, _ = _run({"model": "BPR", "epochs": 2}, 2)
     assert 0 <= result["test_result"]["recall@10"] <= 1
+
+
+def test_two_processes_split_the_judging_and_agree_on_every_judgement():
+    settings = {"model": "AugBPR", "base_model": "BPR", "judge": "embedding", "aug_users_per_item": 2,
+                "judge_chunk_size": 3, "judge_eval_pairs": 20, "epochs": 1}
+    one, _ = _run({**settings, "cache_dir": "saved/cache-one"}, 1)
+    two, _ = _run({**settings, "cache_dir": "saved/cache-two"}, 2)
+    judged_one, judged_two = one["extra_results"]["judging"], two["extra_results"]["judging"]
+    assert judged_one["computed"] == judged_one["pairs"] > 6
+    # rank 0 judged chunks 0, 2, 4, ... of 3 pairs: about half
+    assert 0 < judged_two["computed"] <= judged_two["pairs"] // 2 + 3
+    assert {k: judged_two[k] for k in ("pairs", "kept", "first_shown_wins")} == \
+        {k: judged_one[k] for k in ("pairs", "kept", "first_shown_wins")}
+    assert two["extra_results"]["judge_accuracy"]["accuracy"] == one["extra_results"]["judge_accuracy"]["accuracy"]
+    one_file = next(Path("saved/cache-one/judgements").glob("embedding-*.pt"))
+    two_file = Path("saved/cache-two/judgements") / one_file.name
+    assert torch.equal(torch.load(one_file), torch.load(two_file)), "the same judgements, assembled from two ranks"
+    assert not list(Path("saved/cache-two").rglob("*.parts/*.pt")), "the parts are replaced by the whole"

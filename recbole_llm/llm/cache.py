@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from recbole_llm import distributed
+
 
 def model_home():
     """Folder for model files the plugin makes itself (dequantised GGUF copies, tiny test models):
@@ -90,7 +92,10 @@ class Cache:
 
         Finished chunks are saved under ``<path>.parts/`` and reused after an interruption; the
         whole result is saved at ``path`` and the parts removed. A ``stats`` dict, if given, gets
-        the number of items ``computed`` now and ``reused`` from the cache.
+        the number of items ``computed`` now by this process and ``reused`` from the cache.
+
+        Inside ``distributed.sharing_work`` of a multi-process run, rank r computes the chunks
+        r, r + world, ...; after a barrier every rank reads all of them, and rank 0 saves the whole.
         """
         stats = {} if stats is None else stats
         stats.update(computed=0, reused=0)
@@ -98,22 +103,35 @@ class Cache:
         if cached is not None:
             stats["reused"] = n_items
             return cached
+        group = distributed.work_group()
+        rank, world = group or (0, 1)
         parts_dir = Path(f"{path}.parts")
-        starts = list(range(0, n_items, chunk_size))
-        pieces = []
-        with tqdm(total=n_items, desc=desc, disable=not show_progress, unit="item") as bar:
-            for start in starts:
-                stop = min(start + chunk_size, n_items)
-                part_path = parts_dir / f"{start:010d}-{stop:010d}.pt"
-                piece = self.get(part_path)
+        chunks = [(start, min(start + chunk_size, n_items)) for start in range(0, n_items, chunk_size)]
+        part_paths = [parts_dir / f"{start:010d}-{stop:010d}.pt" for start, stop in chunks]
+        pieces = {}
+        share = sum(chunks[index][1] - chunks[index][0] for index in range(rank, len(chunks), world))
+        with tqdm(total=share, desc=desc, disable=not show_progress, unit="item") as bar:
+            for index in range(rank, len(chunks), world):  # this rank's share: all of them alone
+                start, stop = chunks[index]
+                piece = self.get(part_paths[index])
                 if piece is None:
-                    piece = self.put(part_path, compute_chunk(start, stop))
+                    piece = self.put(part_paths[index], compute_chunk(start, stop))
                     stats["computed"] += stop - start
                 else:
                     stats["reused"] += stop - start
-                pieces.append(piece)
+                pieces[index] = piece
                 bar.update(stop - start)
-        result = _concat(pieces)
+        if group:
+            distributed.barrier()  # every share is on disk
+            for index, part in enumerate(part_paths):
+                if index not in pieces:
+                    pieces[index] = self.get(part)
+                    if pieces[index] is None:
+                        raise RuntimeError(f"chunk {part} of another rank is missing or unreadable")
+            distributed.barrier()  # every rank has read the parts: rank 0 may replace them by the whole
+        result = _concat([pieces[index] for index in range(len(chunks))])
+        if rank != 0:
+            return result
         self.put(path, result)
         for part in parts_dir.glob("*.pt"):
             part.unlink()
