@@ -69,6 +69,21 @@ def test_cold_start_items_have_no_training_interactions(model, by):
     assert not (warm & cold).any() and (warm | cold)[1:].all()
 
 
+def test_cold_start_items_can_be_kept_out_of_the_training_negatives():
+    args = {"ratio": 0.3, "by": "time"}
+    _, dataset, (train, valid, _) = _prepared(cold_item_args={**args, "negatives": False})
+    cold = dataset.eval_groups["cold_start_items"][1]
+    negatives = torch.cat([batch["neg_item_id"] for batch in train for _ in range(3)])
+    assert len(negatives) > 1000 and not cold[negatives].any()
+    masked = torch.cat([history_items for _, (_, history_items), _, _ in valid])
+    assert len(masked) > 0 and not cold[masked].any(), "evaluation still ranks cold-start items"
+    _, _, (default_train, _, _) = _prepared(cold_item_args=args)
+    default_negatives = torch.cat([batch["neg_item_id"] for batch in default_train])
+    assert cold[default_negatives].any(), "by default cold-start items are sampled as negatives"
+    with pytest.raises(ValueError, match="negatives: false needs sampled training negatives.*SASRec"):
+        _prepared(model="SASRec", cold_item_args={**args, "negatives": False})
+
+
 def test_cold_start_items_by_time_are_the_newest():
     config, dataset, _ = _prepared(cold_item_args={"ratio": 0.2, "by": "time"})
     cold = dataset.eval_groups["cold_start_items"][1]

@@ -85,7 +85,9 @@ class PluginDatasetMixin:
 
     def prepare_dataloaders(self, config):
         """Train/valid/test dataloaders; subclasses with their own loaders override this."""
-        return recbole.data.data_preparation(config, self)
+        loaders = recbole.data.data_preparation(config, self)
+        scenarios.keep_cold_items_out_of_negatives(config, self, loaders[0])
+        return loaders
 
     # -- text side information (UniSRec's ``dataset.plm_embedding``, for any template and encoder)
 

@@ -21,6 +21,9 @@ result. All settings are ordinary config keys (off by default, see ``properties/
     and with full ranking also ``cold_start_items@cold``: cold-start items ranked among the
     cold-start items only (every warm item scored -inf), the setting of cold-start papers. ``by: time`` picks the
     items whose first interaction is latest (new items), ``random`` a seeded random share.
+    ``negatives: false`` keeps cold-start items out of the training negatives (models trained on
+    sampled negatives only): otherwise being a sampled negative is all they ever see in training,
+    which ranks them below every warm item.
 
 Seeds come from ``scenario_seed`` (default: the run's ``seed``), so every model run with the same
 settings sees the same split.
@@ -141,6 +144,22 @@ def _choose_cold_start_items(dataset):
         raise ValueError(f"cold_item_args.by must be 'time' or 'random', got {by!r}")
     getLogger().info(f"Cold-start items: {len(cold)} of {len(items)} ({by}); no training interactions.")
     return set(cold.tolist())
+
+
+def keep_cold_items_out_of_negatives(config, dataset, train_loader):
+    """With ``cold_item_args: {..., negatives: false}``, add the cold-start items to every user's
+    used items in the training sampler, whose rejection sampling then never draws them."""
+    args = dict_setting(config, "cold_item_args", ["ratio"])
+    if args is None or args.get("negatives", True):
+        return
+    sampler = getattr(train_loader, "_sampler", None)
+    if sampler is None or getattr(sampler, "phase", None) != "train":
+        raise ValueError(f"cold_item_args.negatives: false needs sampled training negatives "
+                         f"(train_neg_sample_args); model {config['model']} trains without them")
+    cold = dataset.cold_start_item_ids
+    for used in sampler.used_ids:  # the training phase's own sets; evaluation masks are untouched
+        used.update(cold)
+    getLogger().info(f"Cold-start items: {len(cold)} kept out of the training negatives.")
 
 
 def _drop_cold_item_history(dataset, eval_rows):
