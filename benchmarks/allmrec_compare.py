@@ -95,9 +95,11 @@ def run_variant(name, dataset, settings, only_groups=None):
         model = build_model(config, train_data)
         record["build_seconds"] = round(time.time() - began, 1)
         trainer = get_trainer(config["MODEL_TYPE"], model_name)(config, model)
-        trainer.fit(train_data, None, saved=False, show_progress=False)
+        curve = bool(config["stage2_eval_every"])  # validation Hit@1 along stage 2 (learning curve)
+        trainer.fit(train_data, valid_data if curve else None, saved=False, show_progress=False)
         record["stage_seconds"] = {str(k): round(v, 1) for k, v in trainer.stage_times.items()}
         record["epoch_losses"] = [[stage, epoch, losses] for stage, epoch, losses in trainer.epoch_losses]
+        record["learning_curve"] = trainer.learning_curve
     record["results"], record["eval_seconds"], record["eval_users"] = evaluate_groups(config, trainer, test_data, groups, only_groups)
     record["machine"] = {"cpu_count": os.cpu_count(), "torch_threads": config["torch_threads"], "python": platform.python_version()}
     return record
@@ -135,6 +137,16 @@ def write_table(runs_dir, out, command, dataset):
                      f"{r['eval_seconds']['test'] / r['eval_users']['test']:.2f} |")
     users = {g: records[order[0]]["eval_users"].get(g) for g in GROUPS} if order else {}
     lines += ["", f"Evaluation users per group: {users}.", ""]
+    curves = {name: records[name]["learning_curve"] for name in order if records[name].get("learning_curve")}
+    if curves:
+        lines += ["Learning curves (`stage2_eval_every`): validation Hit@1 ± binomial SE of the same seeded "
+                  "validation users and negatives before stage 2 and along it, with the mean stage-2 loss of the "
+                  "batches since the previous point.", "",
+                  "| variant | stage-2 samples | validation Hit@1 (users) | Hit@5 | train loss |", "|---|---|---|---|---|"]
+        for name, curve in curves.items():
+            lines += [f"| {name} | {p['stage2_samples']} | {p['hit@1']:.3f} ± {binomial_se(p['hit@1'], p['users']):.3f} ({p['users']}) | "
+                      f"{p.get('hit@5', float('nan')):.3f} | {p.get('train_loss', '-')} |" for p in curve]
+        lines.append("")
     write_report(out, lines)
 
 

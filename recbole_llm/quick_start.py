@@ -279,6 +279,8 @@ def train_and_test(config, saved=True, verbose=True):
     }
     if getattr(trainer, "stage_times", None):  # ALLMRec's training seconds per stage
         result["stage_seconds"] = {stage: round(seconds, 2) for stage, seconds in trainer.stage_times.items()}
+    if getattr(trainer, "learning_curve", None):  # ALLMRec's validation metrics along stage 2
+        result["learning_curve"] = trainer.learning_curve
     controls = control_trainers(config, train_data)
     if controls:  # the simplest explanations of the number, on the same users and candidates
         result["control_results"] = {

@@ -349,6 +349,20 @@ def test_interrupted_stage_two_resumes_to_the_same_model(shared_cache):
     torch.testing.assert_close(resumed_model.predict(batch), uninterrupted)
 
 
+def test_stage_two_learning_curve_leaves_the_training_untouched(shared_cache):
+    settings = dict(stage1_epochs=1, stage2_max_samples=4, stage2_batch_size=2, stage2_lr=0.05)
+    _, plain_model, plain, train_data, _ = _setup(shared_cache, **settings)
+    plain.fit(train_data, saved=False)
+    config, model, trainer, _, _ = _setup(shared_cache, stage2_eval_every=1, stage2_eval_users=3, **settings)
+    valid_data = prepare(config)[2]
+    trainer.fit(train_data, valid_data, saved=False)
+    curve = trainer.learning_curve
+    assert [point["stage2_samples"] for point in curve] == [0, 2, 4], "before stage 2, then every batch"
+    assert all(0 <= point["hit@1"] <= 1 and point["users"] == 3 for point in curve) and "train_loss" in curve[1] and "train_loss" not in curve[0]
+    for name, weights in plain_model.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], weights, msg=name)
+
+
 def test_candidate_score_token_carries_the_backbones_ranking(shared_cache):
     _, model, trainer, train_data, test_data = _setup(shared_cache, candidate_score_token=True, use_user_token=False,
                                                       stage2_objective="listwise", stage1_epochs=1)

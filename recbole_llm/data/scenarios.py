@@ -287,9 +287,10 @@ def group_loaders(config, dataset, test_loader):
     return test_loader, {name: limit_users(config, loader) for name, loader in loaders.items()}
 
 
-def limit_users(config, loader):
-    """``loader`` restricted to ``eval_max_users`` seeded-random users (unchanged if it has fewer)."""
-    limit = config["eval_max_users"]
+def limit_users(config, loader, limit=None):
+    """``loader`` restricted to ``limit`` (default ``eval_max_users``) seeded-random users
+    (unchanged if it has fewer)."""
+    limit = limit or config["eval_max_users"]
     if not limit:
         return loader
     users = loader._dataset.inter_feat[loader._dataset.uid_field]

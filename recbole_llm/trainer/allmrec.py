@@ -9,14 +9,21 @@ Samples: by default one per user and epoch, the user's last training transition 
 code); ``train_samples: all`` uses every training prefix in stage 1 (the paper's A-LLMRec_all).
 Stage 2 uses at most ``stage2_max_samples`` of the users per epoch (seeded), because every sample
 is a forward and backward pass through the LLM.
+
+Learning curve: with ``stage2_eval_every: N`` > 0 and validation data, the validation metrics of
+``stage2_eval_users`` seeded users are computed before stage 2 and after every N stage-2 batches
+(``trainer.learning_curve``, ``result["learning_curve"]``). The same users and sampled negatives
+at every point, and the training's random streams untouched: the weights equal a run without it.
 """
+import contextlib
+import random
 import time
 from collections import OrderedDict
 
 import numpy as np
 import torch
 from recbole.trainer import Trainer
-from recbole.utils import set_color
+from recbole.utils import init_seed, set_color
 from tqdm import tqdm
 
 from recbole_llm import distributed
@@ -86,6 +93,24 @@ class ALLMRecTrainer(CheckpointSafeMixin, Trainer):
 
     # -- training ---------------------------------------------------------------------------------
 
+    # -- learning curve -------------------------------------------------------------------------
+
+    def _curve_point(self, samples, recent_losses):
+        """Validation metrics now (the curve's users; every point reseeds, so the same negatives)."""
+        if self._curve_data is None:
+            return
+        with _random_streams_untouched():
+            init_seed(self.config["seed"], self.config["reproducibility"])
+            _, result = self._valid_epoch(self._curve_data, show_progress=False)
+        self.model.train()
+        data = self._curve_data._dataset
+        point = {"stage2_samples": samples, "users": len(data.inter_feat[data.uid_field].unique()),
+                 **{k: round(float(v), 4) for k, v in result.items()}}
+        if recent_losses:
+            point["train_loss"] = round(sum(recent_losses) / len(recent_losses), 4)
+        self.learning_curve.append(point)
+        self.logger.info(set_color("ALLMRec stage 2 learning curve", "blue") + f": {point}")
+
     def _run_epoch(self, train_data, stage, rows, global_epoch, show_progress):
         self.model.train()
         generator = torch.Generator().manual_seed(int(self.config["seed"]) * 1000 + global_epoch)
@@ -114,14 +139,27 @@ class ALLMRecTrainer(CheckpointSafeMixin, Trainer):
             parts = {"loss": loss.item() / weight} if loss is not None else {}
             if loss is not None:
                 parts.update(self.model.last_losses)
+            batch_loss = 0.0
             for shares in distributed.gather([{k: v * weight for k, v in parts.items()}], self.config):
                 for key, value in shares.items():
                     totals[key] = totals.get(key, 0.0) + value
+                batch_loss += shares.get("loss", 0.0)
             count += 1
+            if stage == 2 and self.curve_every:
+                self._curve_losses.append(batch_loss)
+                self._curve_samples += len(index)
+                if len(self._curve_losses) == self.curve_every:
+                    self._curve_point(self._curve_samples, self._curve_losses)
+                    self._curve_losses = []
         return {key: value / max(count, 1) for key, value in totals.items()}, len(rows)
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self.epoch_losses = []
+        self.learning_curve, self._curve_losses, self._curve_samples = [], [], 0
+        self.curve_every = int(self.config["stage2_eval_every"] or 0)
+        self._curve_data = None
+        if self.curve_every and valid_data is not None:
+            self._curve_data = limit_users(self.config, valid_data, int(self.config["stage2_eval_users"]))
         rows = {stage: self._sample_rows(train_data, stage) for stage in set(s for s, _ in self.plan)}
         current = None
         for global_epoch, (stage, epoch) in enumerate(self.plan):
@@ -131,6 +169,8 @@ class ALLMRecTrainer(CheckpointSafeMixin, Trainer):
                 resuming = global_epoch == self.start_epoch > 0 and self.plan[global_epoch - 1][0] == stage
                 self._begin_stage(stage, self._resumed_optimizer if resuming else None)
                 current = stage
+                if stage == 2 and not resuming:
+                    self._curve_point(0, [])  # the curve's origin: stage 2 untrained
             began = time.time()
             losses, samples = self._run_epoch(train_data, stage, rows[stage], global_epoch, show_progress)
             seconds = time.time() - began
@@ -167,3 +207,13 @@ class ALLMRecTrainer(CheckpointSafeMixin, Trainer):
         load_into_model(self.model, checkpoint)
         self._resumed_optimizer = checkpoint["optimizer"]
         self.logger.info(f"ALLMRec: resuming from {resume_file} at epoch {self.start_epoch} of {len(self.plan)}")
+
+
+@contextlib.contextmanager
+def _random_streams_untouched():
+    """torch's, numpy's and Python's global random states as they were before the block."""
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng():
+        yield
+    np.random.set_state(numpy_state)
+    random.setstate(python_state)
