@@ -41,6 +41,7 @@ for _judge, _label in (("llm", "llm"), ("llm_pointwise", "pw"), ("embedding", "e
     # "-k<share>": only that share of the judged pairs, the most confident ones
     METHODS.update({f"AugBPR-{_label}-k{k}": {"judge": _judge, "aug_keep_fraction": k} for k in (0.25, 0.5)})
     METHODS[f"AugBPR-{_label}-nn"] = {"judge": _judge, **NO_COLD_NEGATIVES}
+    METHODS[f"AugBPR-{_label}-cw-nn"] = {"judge": _judge, "aug_warm_pairs_per_user": 1, **NO_COLD_NEGATIVES}
 DEFAULT_METHODS = ["base", "AugBPR-llm", "AugBPR-emb"]
 # base model -> settings that keep its runs affordable on 2 CPU cores
 BASES = {
