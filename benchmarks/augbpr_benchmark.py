@@ -41,6 +41,8 @@ for _judge, _label in (("llm", "llm"), ("llm_pointwise", "pw"), ("embedding", "e
     # "-k<share>": only that share of the judged pairs, the most confident ones
     METHODS.update({f"AugBPR-{_label}-k{k}": {"judge": _judge, "aug_keep_fraction": k} for k in (0.25, 0.5)})
     METHODS[f"AugBPR-{_label}-nn"] = {"judge": _judge, **NO_COLD_NEGATIVES}
+    # "-pop": the judge shown one popular history for every user (an item prior, nothing personal)
+    METHODS[f"AugBPR-{_label}-pop"] = {"judge": _judge, "judge_history": "popular"}
     METHODS[f"AugBPR-{_label}-cw-nn"] = {"judge": _judge, "aug_warm_pairs_per_user": 1, **NO_COLD_NEGATIVES}
 DEFAULT_METHODS = ["base", "AugBPR-llm", "AugBPR-emb"]
 # base model -> settings that keep its runs affordable on 2 CPU cores
@@ -143,16 +145,19 @@ def judge_table(runs):
     lines = ["| judge | pairs judged | kept | judging s (first run) | pairs/s | first shown wins | orders agree | "
              "held-out accuracy (chance 0.5) | truth pairs |", "|---|---|---|---|---|---|---|---|---|"]
     judged = [r for r in runs if r["extra"].get("judging")]
-    for judge, warm in [(j, w) for j in ("llm", "llm_pointwise", "embedding", "random") for w in (0, 1)]:
+    kinds = [(j, w, h) for j in ("llm", "llm_pointwise", "embedding", "random") for w in (0, 1) for h in ("own", "popular")]
+    for judge, warm, history in kinds:
         found = [r for r in judged if r["config"].get("judge", "llm") == judge
-                 and r["config"].get("aug_warm_pairs_per_user", 0) == warm]
+                 and r["config"].get("aug_warm_pairs_per_user", 0) == warm
+                 and r["config"].get("judge_history", "own") == history]
         if not found:
             continue
         first = max(found, key=lambda r: r["extra"]["judging"]["computed"])  # the run that paid for judging
         j, acc = first["extra"]["judging"], first["extra"].get("judge_accuracy", {})
         paid = j["computed"] > 0  # else every stored run read the judgements from an earlier run's cache
         seconds, rate = (j["seconds"], j["pairs_per_s"]) if paid else ("cached by an earlier run", "-")
-        lines.append(f"| {judge}{' + warm pairs' if warm else ''} | {j['pairs']} | {j['kept']} | {seconds} | {rate} | "
+        shown = judge + (" + warm pairs" if warm else "") + (" (popular history for everyone)" if history == "popular" else "")
+        lines.append(f"| {shown} | {j['pairs']} | {j['kept']} | {seconds} | {rate} | "
                      f"{j.get('first_shown_wins', '-')} | {j.get('orders_agree', '-')} | {acc.get('accuracy', '-')} | {acc.get('pairs', '-')} |")
     return "\n".join(lines)
 

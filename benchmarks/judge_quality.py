@@ -37,7 +37,7 @@ import torch
 
 from benchmarks.common import cpu_description, write_report
 from recbole_llm.config import Config
-from recbole_llm.data.history import user_histories
+from recbole_llm.data.history import popular_history, user_histories
 from recbole_llm.llm import judge as judges
 from recbole_llm.quick_start import prepare
 
@@ -102,7 +102,7 @@ def run(args):
     counts[0] = 0
     min_history = int(config["aug_min_history"])
     pair_sets, users = proxy_pairs(histories, known, counts, min_history, args.pairs, args.seed)
-    popular = np.argsort(-counts, kind="stable")[: int(config["judge_history_len"])]
+    popular = popular_history(before, int(config["judge_history_len"]))
     variants = history_variants(before, users, popular, args.seed)
     title_key = "item_title_template" if config["item_title_template"] else "item_text_template"
     titles, texts = dataset.texts("item", title_key), dataset.texts("item", "item_text_template")

@@ -259,6 +259,27 @@ def test_pointwise_judge_scores_pmi_once_per_item_and_has_no_order():
     assert probs[2, 0] != probs[0, 0]  # another history, another verdict
 
 
+def test_pointwise_judge_runs_one_pass_per_distinct_history(monkeypatch):
+    histories = [[], [1, 2], [1, 2], [3]]  # users 1 and 2 are shown the same history
+    titles = ["", "Alpha (1990)", "Beta (1991)", "Gamma (1992)", "Delta (1993)", "Epsilon (1994)"]
+    judge = judges.PointwiseLLMJudge("tiny-random-llama", histories, titles, history_len=2, dtype="float32")
+    passes, real = [], judge.log_likelihoods
+    monkeypatch.setattr(judge, "log_likelihoods", lambda history, items: passes.append(tuple(history)) or real(history, items))
+    probs = judge.score(torch.tensor([[1, 4, 5], [2, 4, 5], [3, 4, 5]]))
+    assert passes.count(("Alpha (1990)", "Beta (1991)")) == 1 and passes.count(("Gamma (1992)",)) == 1
+    assert torch.equal(probs[0], probs[1]) and not torch.equal(probs[0], probs[2])
+
+
+def test_popular_history_judge_shows_everyone_the_same_popular_items():
+    _, dataset, (train, _, _), model = _built(base_model="BPR", judge="embedding", judge_history="popular",
+                                              judge_history_len=3)
+    shown = {tuple(h.tolist()) for h in model.judge.histories if len(h)}
+    counts = torch.bincount(train._dataset.inter_feat["item_id"], minlength=dataset.item_num)
+    assert len(shown) == 1 and sorted(counts[list(shown.pop())].tolist()) == sorted(counts.topk(3).values.tolist())
+    with pytest.raises(ValueError, match="judge_history"):
+        _built(base_model="BPR", judge="embedding", judge_history="neighbours")
+
+
 def test_control_judges():
     popularity = judges.PopularityJudge([0, 10, 1, 0], "training")
     probs = popularity.score(torch.tensor([[0, 1, 2], [0, 2, 1], [0, 3, 3]]))

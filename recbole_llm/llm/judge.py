@@ -193,12 +193,12 @@ class PointwiseLLMJudge(LLMJudge):
 
     def score(self, pairs):
         probs = torch.empty(len(pairs), 2)
-        by_user = {}
+        by_history = {}  # users with the same shown history share one pass
         for row, (user, a, b) in enumerate(pairs.tolist()):
-            by_user.setdefault(user, []).append((row, a, b))
-        for user, rows in by_user.items():
+            by_history.setdefault(self._history_titles(user), []).append((row, a, b))
+        for history, rows in by_history.items():
             items = sorted({i for _, a, b in rows for i in (a, b)})
-            pmi = self.log_likelihoods(list(self._history_titles(user)), items) - self.prior(items)
+            pmi = self.log_likelihoods(list(history), items) - self.prior(items)
             score = dict(zip(items, pmi.tolist()))
             for row, a, b in rows:
                 probs[row] = torch.sigmoid(torch.tensor(score[a] - score[b]))

@@ -12,7 +12,9 @@ are paired with ``aug_pairs_per_user`` other cold-start items, and the judge (an
 B?" in both orders, or a sentence-embedding similarity) says which one the user prefers. With
 ``aug_warm_pairs_per_user`` > 0 (not in the paper) each judged (user, cold item) is also judged
 against that many random warm items the user has not trained on: cold-only pairs order cold items
-among themselves, so they never reach the warm items' score range and rank last among all items. Scores
+among themselves, so they never reach the warm items' score range and rank last among all items. With
+``judge_history: popular`` (a control) every user is shown one history of the most popular
+training items: the judge can then only express an item prior, not a personal preference. Scores
 ``s`` come from the base model's own ``predict``, so the loss reaches any model's item
 representations; cold-start items otherwise receive no positive training signal. General and
 context-aware models trained pointwise (NeuMF, DMF, FM, ...) predict a probability sigmoid(x);
@@ -36,7 +38,7 @@ from recbole.model.abstract_recommender import AbstractRecommender
 from recbole.utils import InputType, ModelType
 
 from recbole_llm import PROPERTIES_DIR
-from recbole_llm.data.history import user_histories
+from recbole_llm.data.history import popular_history, user_histories
 from recbole_llm.llm import judge as judges
 from recbole_llm.utils import get_model
 
@@ -115,7 +117,7 @@ class AugBPR(AbstractRecommender):
         if self.min_history < 1:
             raise ValueError(f"aug_min_history must be at least 1 (a judge needs a history), got {self.min_history}")
         title_key = "item_title_template" if config["item_title_template"] else "item_text_template"
-        self.judge = judges.judge_from_config(config, self.histories, dataset.texts("item", title_key),
+        self.judge = judges.judge_from_config(config, self._judge_histories(config), dataset.texts("item", title_key),
                                               dataset.texts("item", "item_text_template"))
 
         self.aug_label = config["aug_label"] or "hard"
@@ -132,6 +134,17 @@ class AugBPR(AbstractRecommender):
 
         if self.type == ModelType.SEQUENTIAL:
             self._register_sequences(config)
+
+    def _judge_histories(self, config):
+        """What the judge is shown: each user's own history (the paper) or, as a control, one
+        history of the most popular training items for everyone (a user-independent judge)."""
+        kind = config["judge_history"] or "own"
+        if kind == "own":
+            return self.histories
+        if kind == "popular":
+            popular = popular_history(self.histories, int(config["judge_history_len"]))
+            return [popular if len(history) else history for history in self.histories]
+        raise ValueError(f"judge_history must be 'own' or 'popular', got {kind!r}")
 
     def _score_kind(self, kind, input_type):
         if kind not in AUG_SCORES:
