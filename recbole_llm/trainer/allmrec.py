@@ -103,8 +103,7 @@ class ALLMRecTrainer(CheckpointSafeMixin, Trainer):
             init_seed(self.config["seed"], self.config["reproducibility"])
             _, result = self._valid_epoch(self._curve_data, show_progress=False)
         self.model.train()
-        data = self._curve_data._dataset
-        point = {"stage2_samples": samples, "users": len(data.inter_feat[data.uid_field].unique()),
+        point = {"stage2_samples": samples, "users": self._curve_users,
                  **{k: round(float(v), 4) for k, v in result.items()}}
         if recent_losses:
             point["train_loss"] = round(sum(recent_losses) / len(recent_losses), 4)
@@ -160,6 +159,8 @@ class ALLMRecTrainer(CheckpointSafeMixin, Trainer):
         self._curve_data = None
         if self.curve_every and valid_data is not None:
             self._curve_data = limit_users(self.config, valid_data, int(self.config["stage2_eval_users"]))
+            curve_rows = self._curve_data._dataset
+            self._curve_users = len(curve_rows.inter_feat[curve_rows.uid_field].unique())
         rows = {stage: self._sample_rows(train_data, stage) for stage in set(s for s, _ in self.plan)}
         current = None
         for global_epoch, (stage, epoch) in enumerate(self.plan):
