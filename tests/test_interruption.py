@@ -1,11 +1,11 @@
 """A run killed by a real signal (SIGTERM, SIGKILL) loses nothing it finished.
 
 Each test starts a child process that does one long step of a run (text encoding, LLM judging,
-backbone training), lets it finish part of the work, and kills it from here while it is in the
+backbone training, ALLMRec's stage 2), lets it finish part of the work, and kills it from here while it is in the
 middle of the next part: no exception handler, ``finally`` or ``atexit`` runs. The step is then run
 again in this process: it reuses what was saved, recomputes only the rest, and ends with what an
-uninterrupted run gives. (tests/test_allmrec.py resumes ALLMRec's stage 2 through
-``resume_checkpoint``; tests/test_llm.py covers ``Cache.chunked`` on exceptions.)
+uninterrupted run gives (stage 2 through ``resume_checkpoint``, as a user resumes a run).
+tests/test_llm.py covers ``Cache.chunked`` on exceptions.
 """
 import json
 import signal
@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ML_TINY_YAML, TINY_SASREC, tiny_config
+from conftest import ML_TINY_YAML, TINY_ALLMREC, TINY_SASREC, tiny_config
 from recbole_llm.checkpoint import CheckpointSafeMixin, load_checkpoint
 from recbole_llm.config import Config
 from recbole_llm.llm import encoder, judge as judges
-from recbole_llm.quick_start import resolve_prerequisites
+from recbole_llm.quick_start import build_model, prepare, resolve_prerequisites
+from recbole_llm.utils import get_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = [f"item number {i}" for i in range(10)]
@@ -62,6 +63,19 @@ elif step == "backbone":
     stall_on(CheckpointSafeMixin, "_save_checkpoint", 1, after=True)  # the first best epoch is on disk
     files, settings = json.loads(sys.argv[4])
     resolve_prerequisites(Config(model="ALLMRec", config_file_list=files, config_dict=settings))
+elif step == "stage2":
+    from recbole_llm.checkpoint import CheckpointSafeMixin
+    from recbole_llm.config import Config
+    from recbole_llm.quick_start import build_model, prepare, resolve_prerequisites
+    from recbole_llm.utils import get_trainer
+    files, settings, checkpoint_name = json.loads(sys.argv[4])
+    config = Config(model="ALLMRec", config_file_list=files, config_dict=settings)
+    resolve_prerequisites(config)
+    _, train_data, _, _ = prepare(config)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, build_model(config, train_data))
+    Path(checkpoint_name).write_text(trainer.saved_model_file)
+    stall_on(CheckpointSafeMixin, "_save_checkpoint", 2, after=True)  # stage 1 and the first stage-2 epoch on disk
+    trainer.fit(train_data, saved=True)
 """
 
 
@@ -132,3 +146,31 @@ def test_killed_backbone_training_is_retrained_not_reused(tmp_path, monkeypatch)
     resolve_prerequisites(config)
     assert saves, "the backbone is trained again"
     assert load_checkpoint(config["backbone_checkpoint"])["config"]["model"] == "SASRec"
+
+
+def _allmrec_run(settings):
+    config = Config(model="ALLMRec", config_file_list=[ML_TINY_YAML], config_dict=settings)
+    resolve_prerequisites(config)
+    _, train_data, _, test_data = prepare(config)
+    model = build_model(config, train_data)
+    return model, get_trainer(config["MODEL_TYPE"], config["model"])(config, model), train_data, test_data
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_allmrec_stage_two_resumes_from_its_checkpoint_to_the_same_model(tmp_path, sig):
+    settings = tiny_config(**{**TINY_ALLMREC, "cache_dir": str(tmp_path / "cache"),
+                              "checkpoint_dir": str(tmp_path / "saved"), "stage1_epochs": 1, "stage2_epochs": 2,
+                              "stage2_lr": 0.05})
+    model, trainer, train_data, test_data = _allmrec_run(settings)  # also trains the backbone the child reuses
+    trainer.fit(train_data, saved=True)
+    batch = next(iter(test_data))[0]
+    uninterrupted = model.predict(batch)
+
+    name = tmp_path / "checkpoint_name"
+    _kill_midway("stage2", tmp_path / "cache", sig, [[ML_TINY_YAML], settings, str(name)], tmp_path / "ready")
+    model, resumed, train_data, _ = _allmrec_run(settings)
+    resumed.resume_checkpoint(name.read_text())
+    assert resumed.start_epoch == 2, "the killed run had saved stage 1 and the first stage-2 epoch"
+    resumed.fit(train_data, saved=True)
+    assert [stage for stage, _, _ in resumed.epoch_losses] == [2], "only the missing stage-2 epoch runs"
+    torch.testing.assert_close(model.predict(batch), uninterrupted)
