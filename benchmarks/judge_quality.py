@@ -88,7 +88,7 @@ def accuracy(probs):
 def run(args):
     config = Config(model="AugBPR", dataset=args.dataset, config_dict={
         "base_model": "BPR", "aug_weight": 0.0, "show_progress": False, "torch_threads": args.threads,
-        "eval_item_groups": None}, command_line=False)
+        "eval_item_groups": None, **({"llm": args.llm} if args.llm else {})}, command_line=False)
     dataset, train_data, valid_data, test_data = prepare(config)
     train = train_data._dataset
     histories = user_histories(train)
@@ -161,12 +161,14 @@ def main(argv=None):
     parser.add_argument("--pairs", type=int, default=600, help="users (one pair per user per set)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--llm", default=None, help="the LLM judges' model (default: AugBPR's `llm`)")
     parser.add_argument("--runs", default="results/runs/judge_quality")
     parser.add_argument("--out", default="results/judge_quality_ml-100k.md")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     for kind in args.judges:
-        path = Path(args.runs) / f"{args.dataset}-{kind}-{args.pairs}-seed{args.seed}.json"
+        llm = f"-{args.llm}" if args.llm and kind.startswith("llm") else ""
+        path = Path(args.runs) / f"{args.dataset}-{kind}{llm}-{args.pairs}-seed{args.seed}.json"
         if path.exists():
             print(f"{path} exists; skipped")
             continue

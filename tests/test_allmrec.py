@@ -321,6 +321,18 @@ def test_generate_answers_a_question_about_the_user_with_the_soft_tokens_in_the_
                                      question="Which genres does this user like?")
     question_ids = model._text_ids(" in the previous. Which genres does this user like?")
     torch.testing.assert_close(prompt[-len(question_ids):], model.llm.get_input_embeddings()(torch.tensor(question_ids)))
+    # the control: the same prompt without any soft token (what LLM-Only answers)
+    prompts, generate = [], model.llm.generate
+    model.llm.generate = lambda **kwargs: prompts.append(kwargs["inputs_embeds"][0]) or generate(**kwargs)
+    for soft_tokens in (True, False):
+        model.generate(batch[torch.arange(1)], "Which genres does this user like?", max_new_tokens=2,
+                       soft_tokens=soft_tokens)
+    history = model.history(batch, 0)
+    user_part = 1 + len(model._text_ids(" is a user representation."))  # the user token and its words
+    assert len(prompts[0]) == len(prompts[1]) + user_part + len(history)  # and one token per title
+    text_only = model.prompt_embeddings(None, history, history[:0], tokens=(None, None, None),
+                                        question="Which genres does this user like?")
+    torch.testing.assert_close(prompts[1], text_only)
 
 
 def test_interrupted_stage_two_resumes_to_the_same_model(shared_cache):

@@ -571,16 +571,20 @@ class ALLMRec(SequentialRecommender):
         return out
 
     @torch.no_grad()
-    def generate(self, interaction, question, max_new_tokens=40):
+    def generate(self, interaction, question, max_new_tokens=40, soft_tokens=True):
         """Free text from the LLM for each row of ``interaction`` (the paper's §5.4.4, e.g. "Which
         genres does this user like?"): the prompt carries the user's soft token and history titles
-        with their item tokens, then ``question``; greedy decoding. Returns one string per row."""
-        users = self._user_vectors(interaction) if self.needs_user_vectors else [None] * len(interaction)
+        with their item tokens, then ``question``; greedy decoding. ``soft_tokens=False``: the same
+        prompt without any soft token (LLM-Only's answer, the control). Returns one string per row."""
+        with_tokens = soft_tokens and self.needs_user_vectors
+        users = self._user_vectors(interaction) if with_tokens else [None] * len(interaction)
         eos = self.tokenizer.eos_token_id
         answers = []
         for row in range(len(interaction)):
             history = self.history(interaction, row)
-            prompt = self.prompt_embeddings(users[row], history, history[:0], question=question).unsqueeze(0)
+            tokens = None if soft_tokens else (None, None, None)
+            prompt = self.prompt_embeddings(users[row], history, history[:0], tokens=tokens,
+                                            question=question).unsqueeze(0)
             new_ids = self.llm.generate(
                 inputs_embeds=prompt, attention_mask=torch.ones(prompt.shape[:2], dtype=torch.long, device=self.device),
                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id or eos)
