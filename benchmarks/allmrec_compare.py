@@ -50,6 +50,11 @@ VARIANTS = {
                                   "cold_item_text_tokens": "inference"},
                       "ours: ALLMRec-conditioned plus the backbone's standardised score in each candidate's token, "
                       "listwise stage-2 loss"),
+    "ALLMRec-score-token": ("ALLMRec", {"candidate_score_token": True, "score_token_layout": "separate",
+                                        "stage2_objective": "listwise", "latent_norm": "standardise",
+                                        "soft_token_norm": "word", "cold_item_text_tokens": "inference"},
+                            "ours: ALLMRec-score with the score in a token of its own after each candidate's item token "
+                            "(a, b at word scale, as in the score oracle)"),
     "ALLMRec-no-match": ("ALLMRec", {"match_weight": 0.0}, "ablation: no matching loss"),
     "ALLMRec-no-recon": ("ALLMRec", {"item_recon_weight": 0.0, "text_recon_weight": 0.0},
                          "ablation: no reconstruction losses"),

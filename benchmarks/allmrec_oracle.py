@@ -36,7 +36,7 @@ from recbole.utils import init_seed
 from benchmarks.common import cpu_description, parse_sets, write_report
 from recbole_llm.config import Config
 from recbole_llm.llm.scoring import branch_log_likelihoods
-from recbole_llm.model.allmrec import mlp_projector
+from recbole_llm.model.allmrec import ScoreToken, mlp_projector
 from recbole_llm.quick_start import build_model, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,11 +94,7 @@ class ScoreTokens(torch.nn.Module):
 
     def __init__(self, llm):
         super().__init__()
-        words = llm.get_input_embeddings().weight.detach().float()
-        generator = torch.Generator().manual_seed(0)
-        picks = torch.randint(1000, len(words), (2,), generator=generator)
-        self.offset = torch.nn.Parameter(words[picks[0]].clone())
-        self.slope = torch.nn.Parameter(words[picks[1]].clone())
+        self.token = ScoreToken(llm.get_input_embeddings().weight, seed=0)
 
     @staticmethod
     def backbone_scores(model, sample, row, candidates):
@@ -112,7 +108,7 @@ class ScoreTokens(torch.nn.Module):
         marked = int((candidates == marked_item).nonzero()[0, 0])
         z = z.clone()
         z[target], z[marked] = z[marked].clone(), z[target].clone()
-        return None, None, self.offset + z.unsqueeze(-1) * self.slope
+        return None, None, self.token(z)
 
 
 ORACLES = {"marker": lambda model: MarkerTokens(model.llm), "matching": MatchingTokens,

@@ -393,3 +393,30 @@ def test_candidate_score_token_carries_the_backbones_ranking(shared_cache):
     assert torch.isfinite(model.predict(batch)).all()
     with pytest.raises(ValueError, match="candidate_score_token"):
         _setup(shared_cache, model="TALLRec", candidate_score_token=True)
+
+
+def test_separate_score_token_follows_each_candidates_item_token(shared_cache):
+    _, model, trainer, train_data, test_data = _setup(shared_cache, candidate_score_token=True, use_user_token=False,
+                                                      score_token_layout="separate", stage2_objective="listwise",
+                                                      stage1_epochs=1)
+    batch = next(iter(test_data))[0]
+    history, candidates = model.history(batch, 0), batch["item_id"][:5]
+    vector = model._user_vectors(batch)[0]
+    z = model.candidate_scores(vector, candidates)
+    words = model.llm.get_input_embeddings().weight
+    with torch.no_grad():
+        _, _, tokens = model.soft_tokens(vector, history, candidates)
+        torch.testing.assert_close(tokens[:, 0], model.item_proj(model.joint_item_embeddings(candidates)))
+        torch.testing.assert_close(tokens[:, 1], model.score_proj.offset + z.unsqueeze(-1) * model.score_proj.slope)
+        # a and b start at a word's scale, so the score token is not drowned by its neighbours
+        word_norm = words.norm(dim=-1).mean()
+        assert 0.5 < model.score_proj.offset.norm() / word_norm < 2
+        prompt = model.prompt_embeddings(vector, history, candidates)
+    model.score_token_layout = "add"
+    model.score_proj_separate, model.score_proj = model.score_proj, torch.nn.Linear(1, words.shape[1])
+    with torch.no_grad():
+        assert len(prompt) == len(model.prompt_embeddings(vector, history, candidates)) + len(candidates)
+    model.score_token_layout, model.score_proj = "separate", model.score_proj_separate
+    assert any(p is model.score_proj.slope for p in trainer._stage_parameters(2))
+    trainer.fit(train_data, saved=False)
+    assert torch.isfinite(model.predict(batch)).all()

@@ -59,6 +59,22 @@ def mlp_projector(in_dim, out_dim, activation):
     return layers
 
 
+class ScoreToken(torch.nn.Module):
+    """``a + z * b`` for standardised scores z: a soft token per candidate that carries one number.
+    a and b start as two seeded random rows of the LLM's word-embedding table, so the token starts
+    at a word's scale (the score oracle, results/allmrec_oracle.md)."""
+
+    def __init__(self, word_embeddings, seed=0):
+        super().__init__()
+        first = min(1000, len(word_embeddings) // 2)  # past the special and byte tokens of real vocabularies
+        picks = torch.randint(first, len(word_embeddings), (2,), generator=torch.Generator().manual_seed(seed))
+        self.offset = torch.nn.Parameter(word_embeddings[picks[0]].detach().float().clone())
+        self.slope = torch.nn.Parameter(word_embeddings[picks[1]].detach().float().clone())
+
+    def forward(self, z):
+        return self.offset + z.unsqueeze(-1) * self.slope
+
+
 def _standardise(z):
     return (z - z.mean(0)) / z.std(0).clamp(min=1e-6)
 
@@ -146,7 +162,11 @@ class ALLMRec(SequentialRecommender):
             if self.backbone is None or not self.use_item_tokens:
                 raise ValueError("candidate_score_token adds the backbone's score to the candidate tokens: "
                                  "it needs the backbone and use_item_tokens")
-            self.score_proj = torch.nn.Linear(1, hidden)  # token += a + z * b (a, b trained in stage 2)
+            self.score_token_layout = self._choice(config, "score_token_layout", ("add", "separate"))
+            if self.score_token_layout == "add":
+                self.score_proj = torch.nn.Linear(1, hidden)  # token += a + z * b (a, b trained in stage 2)
+            else:
+                self.score_proj = ScoreToken(words, self.seed)  # a token of its own after the item's
         self._prompt_ids = {}
         self.title_ids = None  # tokenised lazily (see title_token_ids)
 
@@ -319,14 +339,19 @@ class ALLMRec(SequentialRecommender):
         each ``None`` when switched off; ``soft_token_norm: word`` rescales every token to the mean
         norm of the LLM's word embeddings (untrained projections give norms ~5x theirs);
         ``candidate_score_token`` adds ``a + z * b`` to each candidate's token, z its standardised
-        backbone score for this user (not in the paper)."""
+        backbone score for this user (not in the paper); ``score_token_layout: separate`` gives
+        that score a token of its own right after the item's (candidate tokens ``[n, 2, H]``)."""
         user = self.user_proj(user_vector) if self.use_user_token else None
         history_tokens = candidate_tokens = None
         if self.use_item_tokens:
             projected = self.item_proj(self.joint_item_embeddings(torch.cat([history, candidates])))
             history_tokens, candidate_tokens = projected[: len(history)], projected[len(history):]
             if self.candidate_score_token:
-                candidate_tokens = candidate_tokens + self.score_proj(self.candidate_scores(user_vector, candidates).unsqueeze(-1))
+                z = self.candidate_scores(user_vector, candidates)
+                if self.score_token_layout == "add":
+                    candidate_tokens = candidate_tokens + self.score_proj(z.unsqueeze(-1))
+                else:
+                    candidate_tokens = torch.stack([candidate_tokens, self.score_proj(z).to(candidate_tokens.dtype)], 1)
         if self.soft_token_norm == "word":
             user, history_tokens, candidate_tokens = (
                 None if t is None else t * (self.word_norm / t.norm(dim=-1, keepdim=True).clamp(min=1e-6))
@@ -444,10 +469,11 @@ class ALLMRec(SequentialRecommender):
         def text(s):
             ids.extend(self._text_ids(s))
 
-        def soft(vector):
-            soft_rows.append(len(ids))
-            ids.append(0)
-            soft_values.append(vector)
+        def soft(vectors):  # one [H] token, or [k, H]: k tokens in a row
+            for vector in vectors.reshape(-1, vectors.shape[-1]):
+                soft_rows.append(len(ids))
+                ids.append(0)
+                soft_values.append(vector)
 
         def item_list(items, vectors):
             for k, item in enumerate(items.tolist()):
