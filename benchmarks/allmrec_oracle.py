@@ -36,7 +36,7 @@ from recbole.utils import init_seed
 from benchmarks.common import cpu_description, parse_sets, write_report
 from recbole_llm.config import Config
 from recbole_llm.llm.scoring import branch_log_likelihoods
-from recbole_llm.model.allmrec import ScoreToken, mlp_projector
+from recbole_llm.model.allmrec import ScoreToken, mlp_projector, seeded_word_vectors
 from recbole_llm.quick_start import build_model, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,11 +59,7 @@ class MarkerTokens(torch.nn.Module):
 
     def __init__(self, llm):
         super().__init__()
-        words = llm.get_input_embeddings().weight.detach().float()
-        generator = torch.Generator().manual_seed(0)
-        picks = torch.randint(1000, len(words), (2,), generator=generator)
-        self.positive = torch.nn.Parameter(words[picks[0]].clone())
-        self.negative = torch.nn.Parameter(words[picks[1]].clone())
+        self.positive, self.negative = seeded_word_vectors(llm.get_input_embeddings().weight, seed=0)
 
     def tokens(self, model, sample, row, marked_item, candidates):
         marked = (candidates == marked_item).unsqueeze(-1)

@@ -59,17 +59,21 @@ def mlp_projector(in_dim, out_dim, activation):
     return layers
 
 
+def seeded_word_vectors(word_embeddings, seed=0):
+    """Two trainable float32 copies of seeded random rows of an LLM's word-embedding table: soft
+    tokens that start at a word's scale."""
+    first = min(1000, len(word_embeddings) // 2)  # past the special and byte tokens of real vocabularies
+    picks = torch.randint(first, len(word_embeddings), (2,), generator=torch.Generator().manual_seed(seed))
+    return tuple(torch.nn.Parameter(word_embeddings[i].detach().float().clone()) for i in picks)
+
+
 class ScoreToken(torch.nn.Module):
-    """``a + z * b`` for standardised scores z: a soft token per candidate that carries one number.
-    a and b start as two seeded random rows of the LLM's word-embedding table, so the token starts
-    at a word's scale (the score oracle, results/allmrec_oracle.md)."""
+    """``a + z * b`` for standardised scores z: a soft token per candidate that carries one number,
+    a and b starting at a word's scale (the score oracle, results/allmrec_oracle.md)."""
 
     def __init__(self, word_embeddings, seed=0):
         super().__init__()
-        first = min(1000, len(word_embeddings) // 2)  # past the special and byte tokens of real vocabularies
-        picks = torch.randint(first, len(word_embeddings), (2,), generator=torch.Generator().manual_seed(seed))
-        self.offset = torch.nn.Parameter(word_embeddings[picks[0]].detach().float().clone())
-        self.slope = torch.nn.Parameter(word_embeddings[picks[1]].detach().float().clone())
+        self.offset, self.slope = seeded_word_vectors(word_embeddings, seed)
 
     def forward(self, z):
         return self.offset + z.unsqueeze(-1) * self.slope
@@ -598,17 +602,19 @@ class ALLMRec(SequentialRecommender):
 
     @torch.no_grad()
     def generate(self, interaction, question, max_new_tokens=40, soft_tokens=True):
-        """Free text from the LLM for each row of ``interaction`` (the paper's §5.4.4, e.g. "Which
-        genres does this user like?"): the prompt carries the user's soft token and history titles
-        with their item tokens, then ``question``; greedy decoding. ``soft_tokens=False``: the same
-        prompt without any soft token (LLM-Only's answer, the control). Returns one string per row."""
+        """Free text from the LLM for each row of ``interaction`` (the paper's §5.4.4): the prompt
+        carries the user's soft token and history titles with their item tokens, then ``question``
+        (phrase it as a sentence to complete, e.g. "The movie genres this user likes most are":
+        SmolLM2-Instruct ends at once after a bare question); greedy decoding.
+        ``soft_tokens=False``: the same prompt without any soft token (LLM-Only's answer, the
+        control). Returns one string per row."""
         with_tokens = soft_tokens and self.needs_user_vectors
         users = self._user_vectors(interaction) if with_tokens else [None] * len(interaction)
+        tokens = None if soft_tokens else (None, None, None)
         eos = self.tokenizer.eos_token_id
         answers = []
         for row in range(len(interaction)):
             history = self.history(interaction, row)
-            tokens = None if soft_tokens else (None, None, None)
             prompt = self.prompt_embeddings(users[row], history, history[:0], tokens=tokens,
                                             question=question).unsqueeze(0)
             new_ids = self.llm.generate(
