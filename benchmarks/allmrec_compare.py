@@ -55,6 +55,12 @@ VARIANTS = {
                                         "soft_token_norm": "word", "cold_item_text_tokens": "inference"},
                             "ours: ALLMRec-score with the score in a token of its own after each candidate's item token "
                             "(a, b at word scale, as in the score oracle)"),
+    "ALLMRec-score-frozen": ("ALLMRec", {"candidate_score_token": True, "stage2_objective": "listwise",
+                                         "latent_norm": "standardise", "soft_token_norm": "word",
+                                         "cold_item_text_tokens": "inference",
+                                         "stage2_frozen_projection_samples": 10 ** 9},
+                             "ablation: ALLMRec-score with F_U and F_I frozen at their initial weights "
+                             "(only the score token learns in stage 2)"),
     "ALLMRec-no-match": ("ALLMRec", {"match_weight": 0.0}, "ablation: no matching loss"),
     "ALLMRec-no-recon": ("ALLMRec", {"item_recon_weight": 0.0, "text_recon_weight": 0.0},
                          "ablation: no reconstruction losses"),

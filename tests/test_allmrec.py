@@ -420,3 +420,30 @@ def test_separate_score_token_follows_each_candidates_item_token(shared_cache):
     assert any(p is model.score_proj.slope for p in trainer._stage_parameters(2))
     trainer.fit(train_data, saved=False)
     assert torch.isfinite(model.predict(batch)).all()
+
+
+def test_frozen_projection_samples_hold_the_projections_while_the_score_token_learns(shared_cache):
+    def weights(module):
+        return [p.detach().clone() for p in module.parameters()]
+
+    settings = dict(candidate_score_token=True, stage2_objective="listwise", stage1_epochs=1,
+                    stage2_epochs=2, stage2_max_samples=4, stage2_batch_size=2, stage2_lr=0.05)
+    trained = {}
+    for frozen in (0, 6, 100):  # off; the first 6 of 8 samples (three of four batches); throughout
+        _, model, trainer, train_data, _ = _setup(shared_cache, stage2_frozen_projection_samples=frozen, **settings)
+        trainer.fit(train_data, saved=False, verbose=False)
+        before = {name: weights(getattr(model, name)) for name in ("user_proj", "item_proj", "score_proj")}
+        trained[frozen] = model, before
+    initial = {name: weights(getattr(_setup(shared_cache, **settings)[1], name))
+               for name in ("user_proj", "item_proj", "score_proj")}
+
+    def moved(frozen, name):
+        return any(not torch.equal(a, b) for a, b in zip(trained[frozen][1][name], initial[name]))
+
+    assert not moved(100, "user_proj") and not moved(100, "item_proj") and moved(100, "score_proj")
+    assert moved(6, "item_proj") and moved(0, "item_proj"), "the fourth batch (samples 6-7) trains them"
+    late = [p for p in trained[6][0].item_proj.parameters()]
+    assert all(p.requires_grad for p in late), "frozen only while training, not in the saved state"
+    # one batch of training moved them less than four did
+    distance = {f: sum((a - b).norm() for a, b in zip(trained[f][1]["item_proj"], initial["item_proj"])) for f in (0, 6)}
+    assert distance[6] < distance[0]

@@ -10,6 +10,12 @@ code); ``train_samples: all`` uses every training prefix in stage 1 (the paper's
 Stage 2 uses at most ``stage2_max_samples`` of the users per epoch (seeded), because every sample
 is a forward and backward pass through the LLM.
 
+Frozen projections: with ``stage2_frozen_projection_samples: N`` > 0, F_U and F_I keep their
+initial weights for the first N stage-2 samples while the score token (and LoRA) learn, so the
+LLM first learns to read the one signal it can follow (results/allmrec_oracle.md) before the
+projections start to move the item tokens under it. N larger than the whole budget freezes them
+throughout (an ablation).
+
 Learning curve: with ``stage2_eval_every: N`` > 0 and validation data, the validation metrics of
 ``stage2_eval_users`` seeded users are computed before stage 2 and after every N stage-2 batches
 (``trainer.learning_curve``, ``result["learning_curve"]``). The same users and sampled negatives
@@ -86,10 +92,13 @@ class ALLMRecTrainer(CheckpointSafeMixin, Trainer):
             last[user] = row  # rows are chronological within a user: the last one is the newest
         return np.array(sorted(last.values()))
 
+    def _epoch_length(self, rows, stage):
+        limit = self.config["stage2_max_samples"] if stage == 2 else None
+        return min(len(rows), int(limit)) if limit else len(rows)
+
     def _epoch_rows(self, rows, stage, generator):
         order = rows[torch.randperm(len(rows), generator=generator).numpy()]
-        limit = self.config["stage2_max_samples"] if stage == 2 else None
-        return order[: int(limit)] if limit else order
+        return order[: self._epoch_length(rows, stage)]
 
     # -- training ---------------------------------------------------------------------------------
 
@@ -110,7 +119,12 @@ class ALLMRecTrainer(CheckpointSafeMixin, Trainer):
         self.learning_curve.append(point)
         self.logger.info(set_color("ALLMRec stage 2 learning curve", "blue") + f": {point}")
 
-    def _run_epoch(self, train_data, stage, rows, global_epoch, show_progress):
+    def _freeze_projections(self, frozen):
+        for module in (getattr(self.model, "user_proj", None), getattr(self.model, "item_proj", None)):
+            if module is not None:
+                module.requires_grad_(not frozen)
+
+    def _run_epoch(self, train_data, stage, rows, global_epoch, show_progress, samples_before=0):
         self.model.train()
         generator = torch.Generator().manual_seed(int(self.config["seed"]) * 1000 + global_epoch)
         rows = self._epoch_rows(rows, stage, generator)
@@ -119,10 +133,18 @@ class ALLMRecTrainer(CheckpointSafeMixin, Trainer):
         batches = range(0, len(rows), batch_size)
         if show_progress:
             batches = tqdm(batches, desc=set_color(f"Stage {stage} epoch {global_epoch:>3}", "pink"), ncols=100)
-        totals, count = {}, 0
         if distributed.is_distributed(self.config):
             self.model.loss_shard = distributed.rank_and_world(self.config)
+        frozen_samples = int(self.config["stage2_frozen_projection_samples"] or 0) if stage == 2 else 0
+        try:
+            return self._run_batches(feat, rows, batches, batch_size, stage, generator, samples_before, frozen_samples)
+        finally:
+            self._freeze_projections(False)
+
+    def _run_batches(self, feat, rows, batches, batch_size, stage, generator, samples_before, frozen_samples):
+        totals, count = {}, 0
         for start in batches:
+            self._freeze_projections(samples_before + start < frozen_samples)
             index = torch.from_numpy(rows[start:start + batch_size])
             interaction = feat[index].to(self.device)
             self.optimizer.zero_grad()
@@ -173,7 +195,10 @@ class ALLMRecTrainer(CheckpointSafeMixin, Trainer):
                 if stage == 2 and not resuming:
                     self._curve_point(0, [])  # the curve's origin: stage 2 untrained
             began = time.time()
-            losses, samples = self._run_epoch(train_data, stage, rows[stage], global_epoch, show_progress)
+            samples_before = sum(1 for s, _ in self.plan[:global_epoch] if s == stage) * self._epoch_length(
+                rows[stage], stage)
+            losses, samples = self._run_epoch(train_data, stage, rows[stage], global_epoch, show_progress,
+                                              samples_before)
             seconds = time.time() - began
             self.stage_times[stage] = self.stage_times.get(stage, 0.0) + seconds
             self.epoch_losses.append((stage, epoch, losses))
