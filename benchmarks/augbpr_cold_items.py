@@ -41,16 +41,20 @@ def main():
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--methods", nargs="+", required=True, choices=list(METHODS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="results/augbpr_cold_items_ml-100k.md")
+    parser.add_argument("--last_epoch", action="store_true",
+                        help="measure the model after the last epoch instead of the best validation epoch")
+    parser.add_argument("--out", default=None, help="default: results/augbpr_cold_items_<dataset>[_last_epoch].md")
     args = parser.parse_args()
+    out = args.out or f"results/augbpr_cold_items_{args.dataset}{'_last_epoch' if args.last_epoch else ''}.md"
     logging.basicConfig(level=logging.ERROR)
     rows = []
     for method in args.methods:
         config = Config(config_dict=run_config("BPR", method, args.dataset, args.seed, {}), command_line=False)
         init_seed(config["seed"], config["reproducibility"])
-        # saved=True: tested (and measured here) at the best validation epoch, as in the benchmark
-        trainer, result = train_and_test(config, saved=True, verbose=False)
-        os.remove(trainer.saved_model_file)
+        # saved: tested (and measured here) at the best validation epoch, as in the benchmark
+        trainer, result = train_and_test(config, saved=not args.last_epoch, verbose=False)
+        if not args.last_epoch:
+            os.remove(trainer.saved_model_file)
         placement = cold_item_placement(trainer.model)
         warm = result["group_results"]["warm_start_items"]["recall@50"]
         cold_all = result["group_results"]["cold_start_items"]["recall@50"]
@@ -58,10 +62,12 @@ def main():
                     f"{placement['cold share of top 50']:.3f} | {placement['cold share of items']:.3f} | "
                     f"{cold_all:.4f} | {warm:.4f} |")
         print(rows[-1], flush=True)
-    command = f"python -m benchmarks.augbpr_cold_items --dataset={args.dataset} --seed {args.seed} --methods {' '.join(args.methods)}"
-    write_report(args.out, [
+    command = (f"python -m benchmarks.augbpr_cold_items --dataset={args.dataset} --seed {args.seed} "
+               f"{'--last_epoch ' if args.last_epoch else ''}--methods {' '.join(args.methods)}")
+    when = "after the last epoch" if args.last_epoch else "at its best validation epoch (the model the benchmark tests)"
+    write_report(out, [
         "# AugBPR (BPR): where cold-start items end up", "", f"Command: `{command}`", "",
-        "Item embeddings of BPR at its best validation epoch (the model the benchmark tests; seed as above): mean norm of cold and warm items, the share of every "
+        f"Item embeddings of BPR {when}, seed as above: mean norm of cold and warm items, the share of every "
         "user's top 50 among all items taken by cold items, and the runs' test Recall@50 (cold items among all "
         "items; warm items).", "",
         "| method | cold norm | warm norm | cold share of users' top 50 | cold share of items | cold (all items) R@50 | warm R@50 |",
