@@ -215,14 +215,18 @@ def write_table(runs_dir, out, command):
              f"Machine: {cpu} ({', '.join(flags)}). Hit@1 among 5 candidates (chance 0.2) on held-out users, "
              "± binomial standard error; `moved`: the oracle's input put on a random negative instead "
              "(marker: that negative's token is m+; matching: the user token of that negative; score: the target's backbone score swapped with that negative's).", "",
-             "| oracle | token | LLM | samples seen | Hit@1 (target marked) | moved: marked negative chosen | moved: target chosen | train loss | backbone Hit@1 | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| oracle | token | LLM | settings (besides 5 candidates, 3 history titles, lr 0.01) | samples seen | Hit@1 (target marked) | moved: marked negative chosen | moved: target chosen | train loss | backbone Hit@1 | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(Path(runs_dir).glob("*.json")):
         record = json.loads(path.read_text())
         n = record["eval_users"]
+        settings = record["settings"]
+        shown = [f"{k}={v}" for k, v in settings.items() if k in SETTINGS and k != "torch_threads" and SETTINGS[k] != v]
+        shown += [f"lr={settings['lr']}"] if settings.get("lr", 1e-2) != 1e-2 else []
+        setting = ", ".join(shown) or "-"
         for point in record["curve"]:
             lines.append(f"| {record['oracle']} | {record['position']} | {record['llm']} ({record['llm_dtype'].replace('torch.', '')}) "
-                         f"| {point['samples']} | {point['hit@1']:.3f} ± {se(point['hit@1'], n):.3f} "
+                         f"| {setting} | {point['samples']} | {point['hit@1']:.3f} ± {se(point['hit@1'], n):.3f} "
                          f"| {point['moved_to_marked']:.3f} | {point['moved_hit@1']:.3f} | {point['train_loss']:.3f} "
                          f"| {'-' if record.get('backbone_hit@1') is None else format(record['backbone_hit@1'], '.3f')} | {point['seconds']} |")
     write_report(out, lines)
