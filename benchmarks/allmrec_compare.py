@@ -32,6 +32,10 @@ from recbole_llm.utils import get_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# the conditioning keys of ALLMRec-conditioned, and ALLMRec-score's additions to them
+CONDITIONED = {"latent_norm": "standardise", "soft_token_norm": "word", "cold_item_text_tokens": "inference"}
+SCORE = {**CONDITIONED, "candidate_score_token": True, "stage2_objective": "listwise"}
+
 # name -> (model, overrides, what it is)
 VARIANTS = {
     "Pop": ("ALLMRec", {}, "control: RecBole's Pop (training counts of the target items), ties broken at random"),
@@ -42,23 +46,15 @@ VARIANTS = {
     "TALLRec": ("TALLRec", {}, "prompt without soft tokens, LoRA-tuned LLM on the same stage-2 samples"),
     "MLP-LLM": ("ALLMRec", {"item_embedding_source": "backbone", "stages": [2]},
                 "the paper's MLP-LLM: the backbone's E_i and x_u through MLPs into the LLM, stage 2 only (no stage 1)"),
-    "ALLMRec-conditioned": ("ALLMRec", {"latent_norm": "standardise", "soft_token_norm": "word",
-                                        "cold_item_text_tokens": "inference"},
+    "ALLMRec-conditioned": ("ALLMRec", CONDITIONED,
                             "ours: standardised latents, soft tokens at word-embedding norm, e_i for every item in training"),
-    "ALLMRec-score": ("ALLMRec", {"candidate_score_token": True, "stage2_objective": "listwise",
-                                  "latent_norm": "standardise", "soft_token_norm": "word",
-                                  "cold_item_text_tokens": "inference"},
+    "ALLMRec-score": ("ALLMRec", SCORE,
                       "ours: ALLMRec-conditioned plus the backbone's standardised score in each candidate's token, "
                       "listwise stage-2 loss"),
-    "ALLMRec-score-token": ("ALLMRec", {"candidate_score_token": True, "score_token_layout": "separate",
-                                        "stage2_objective": "listwise", "latent_norm": "standardise",
-                                        "soft_token_norm": "word", "cold_item_text_tokens": "inference"},
+    "ALLMRec-score-token": ("ALLMRec", {**SCORE, "score_token_layout": "separate"},
                             "ours: ALLMRec-score with the score in a token of its own after each candidate's item token "
                             "(a, b at word scale, as in the score oracle)"),
-    "ALLMRec-score-frozen": ("ALLMRec", {"candidate_score_token": True, "stage2_objective": "listwise",
-                                         "latent_norm": "standardise", "soft_token_norm": "word",
-                                         "cold_item_text_tokens": "inference",
-                                         "stage2_frozen_projection_samples": 10 ** 9},
+    "ALLMRec-score-frozen": ("ALLMRec", {**SCORE, "stage2_frozen_projection_samples": 10 ** 9},
                              "ablation: ALLMRec-score with F_U and F_I frozen at their initial weights "
                              "(only the score token learns in stage 2)"),
     "ALLMRec-no-match": ("ALLMRec", {"match_weight": 0.0}, "ablation: no matching loss"),

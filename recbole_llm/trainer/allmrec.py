@@ -136,42 +136,39 @@ class ALLMRecTrainer(CheckpointSafeMixin, Trainer):
         if distributed.is_distributed(self.config):
             self.model.loss_shard = distributed.rank_and_world(self.config)
         frozen_samples = int(self.config["stage2_frozen_projection_samples"] or 0) if stage == 2 else 0
-        try:
-            return self._run_batches(feat, rows, batches, batch_size, stage, generator, samples_before, frozen_samples)
-        finally:
-            self._freeze_projections(False)
-
-    def _run_batches(self, feat, rows, batches, batch_size, stage, generator, samples_before, frozen_samples):
         totals, count = {}, 0
-        for start in batches:
-            self._freeze_projections(samples_before + start < frozen_samples)
-            index = torch.from_numpy(rows[start:start + batch_size])
-            interaction = feat[index].to(self.device)
-            self.optimizer.zero_grad()
-            loss = self.model.calculate_loss(interaction, generator)  # None: no rows for this rank
-            if loss is not None:
-                self._check_nan(loss)
-                loss.backward()
-            distributed.all_reduce_gradients(self.stage_parameters, self.config)
-            if self.clip_grad_norm:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), **self.clip_grad_norm)
-            self.optimizer.step()
-            weight = self.model.loss_weight
-            parts = {"loss": loss.item() / weight} if loss is not None else {}
-            if loss is not None:
-                parts.update(self.model.last_losses)
-            batch_loss = 0.0
-            for shares in distributed.gather([{k: v * weight for k, v in parts.items()}], self.config):
-                for key, value in shares.items():
-                    totals[key] = totals.get(key, 0.0) + value
-                batch_loss += shares.get("loss", 0.0)
-            count += 1
-            if stage == 2 and self.curve_every:
-                self._curve_losses.append(batch_loss)
-                self._curve_samples += len(index)
-                if len(self._curve_losses) == self.curve_every:
-                    self._curve_point(self._curve_samples, self._curve_losses)
-                    self._curve_losses = []
+        try:
+            for start in batches:
+                self._freeze_projections(samples_before + start < frozen_samples)
+                index = torch.from_numpy(rows[start:start + batch_size])
+                interaction = feat[index].to(self.device)
+                self.optimizer.zero_grad()
+                loss = self.model.calculate_loss(interaction, generator)  # None: no rows for this rank
+                if loss is not None:
+                    self._check_nan(loss)
+                    loss.backward()
+                distributed.all_reduce_gradients(self.stage_parameters, self.config)
+                if self.clip_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), **self.clip_grad_norm)
+                self.optimizer.step()
+                weight = self.model.loss_weight
+                parts = {"loss": loss.item() / weight} if loss is not None else {}
+                if loss is not None:
+                    parts.update(self.model.last_losses)
+                batch_loss = 0.0
+                for shares in distributed.gather([{k: v * weight for k, v in parts.items()}], self.config):
+                    for key, value in shares.items():
+                        totals[key] = totals.get(key, 0.0) + value
+                    batch_loss += shares.get("loss", 0.0)
+                count += 1
+                if stage == 2 and self.curve_every:
+                    self._curve_losses.append(batch_loss)
+                    self._curve_samples += len(index)
+                    if len(self._curve_losses) == self.curve_every:
+                        self._curve_point(self._curve_samples, self._curve_losses)
+                        self._curve_losses = []
+        finally:
+            self._freeze_projections(False)  # never left frozen: the state dict and checkpoints keep them
         return {key: value / max(count, 1) for key, value in totals.items()}, len(rows)
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
@@ -195,10 +192,8 @@ class ALLMRecTrainer(CheckpointSafeMixin, Trainer):
                 if stage == 2 and not resuming:
                     self._curve_point(0, [])  # the curve's origin: stage 2 untrained
             began = time.time()
-            samples_before = sum(1 for s, _ in self.plan[:global_epoch] if s == stage) * self._epoch_length(
-                rows[stage], stage)
             losses, samples = self._run_epoch(train_data, stage, rows[stage], global_epoch, show_progress,
-                                              samples_before)
+                                              samples_before=epoch * self._epoch_length(rows[stage], stage))
             seconds = time.time() - began
             self.stage_times[stage] = self.stage_times.get(stage, 0.0) + seconds
             self.epoch_losses.append((stage, epoch, losses))
