@@ -16,7 +16,7 @@ import torch
 from recbole.utils import init_seed
 
 from benchmarks.augbpr_benchmark import METHODS, run_config
-from benchmarks.common import write_report
+from benchmarks.common import cpu_description, write_report
 from recbole_llm.config import Config
 from recbole_llm.quick_start import train_and_test
 
@@ -65,8 +65,11 @@ def main():
     command = (f"python -m benchmarks.augbpr_cold_items --dataset={args.dataset} --seed {args.seed} "
                f"{'--last_epoch ' if args.last_epoch else ''}--methods {' '.join(args.methods)}")
     when = "after the last epoch" if args.last_epoch else "at its best validation epoch (the model the benchmark tests)"
+    cpu, flags = cpu_description()
     write_report(out, [
         "# AugBPR (BPR): where cold-start items end up", "", f"Command: `{command}`", "",
+        f"Machine: {cpu} ({', '.join(flags)}). One seed (no interval): a diagnostic of the mechanism; the "
+        "3-seed numbers with chance are in results/augbpr_ml-100k.md. `base` and `base-nn` are the controls.", "",
         f"Item embeddings of BPR {when}, seed as above: mean norm of cold and warm items, the share of every "
         "user's top 50 among all items taken by cold items, and the runs' test Recall@50 (cold items among all "
         "items; warm items).", "",
