@@ -57,6 +57,10 @@ VARIANTS = {
     "ALLMRec-score-frozen": ("ALLMRec", {**SCORE, "stage2_frozen_projection_samples": 10 ** 9},
                              "ablation: ALLMRec-score with F_U and F_I frozen at their initial weights "
                              "(only the score token learns in stage 2)"),
+    "ALLMRec-score-token-frozen": ("ALLMRec", {**SCORE, "score_token_layout": "separate",
+                                               "stage2_frozen_projection_samples": 10 ** 9},
+                                   "ablation: ALLMRec-score-token with F_U and F_I frozen at their initial weights "
+                                   "(the score oracle's token inside ALLMRec's prompt)"),
     "ALLMRec-no-match": ("ALLMRec", {"match_weight": 0.0}, "ablation: no matching loss"),
     "ALLMRec-no-recon": ("ALLMRec", {"item_recon_weight": 0.0, "text_recon_weight": 0.0},
                          "ablation: no reconstruction losses"),

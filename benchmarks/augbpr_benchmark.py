@@ -31,6 +31,7 @@ METHODS = {"base": {"aug_weight": 0.0}}
 NO_COLD_NEGATIVES = {"cold_item_args": {"ratio": 0.2, "by": "time", "negatives": False}}
 METHODS["base-nn"] = {"aug_weight": 0.0, **NO_COLD_NEGATIVES}
 WEIGHTS = (0.01, 0.03, 0.3, 1.0)
+CAPS = (0.5, 0.7, 1.0)
 # judges: the paper's A/B LLM judge, the pointwise (PMI) LLM judge, text-embedding similarity, and
 # random labels (the control: what does adding any pairs at this weight do?)
 for _judge, _label in (("llm", "llm"), ("llm_pointwise", "pw"), ("embedding", "emb"), ("random", "random")):
@@ -48,6 +49,10 @@ for _judge, _label in (("llm", "llm"), ("llm_pointwise", "pw"), ("embedding", "e
     for _suffix in ("cw", "nn", "cw-nn"):
         METHODS.update({f"AugBPR-{_label}-{_suffix}-w{w}": {**METHODS[f"AugBPR-{_label}-{_suffix}"], "aug_weight": w}
                         for w in WEIGHTS})
+    # "-cap<r>": cold rows of the item embeddings capped at r x the mean warm norm (aug_cold_norm_cap)
+    for _suffix in ("cw", "nn", "cw-nn"):
+        METHODS.update({f"AugBPR-{_label}-{_suffix}-cap{r}": {**METHODS[f"AugBPR-{_label}-{_suffix}"],
+                                                               "aug_cold_norm_cap": r} for r in CAPS})
 DEFAULT_METHODS = ["base", "AugBPR-llm", "AugBPR-emb"]
 # base model -> settings that keep its runs affordable on 2 CPU cores
 BASES = {

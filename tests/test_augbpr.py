@@ -315,3 +315,39 @@ def test_llm_judges_show_the_item_text_unless_told_titles():
     assert judge.titles[1] == "a (genres)"
     config = Config(config_file_list=[ML_TINY_YAML], config_dict=_augbpr_config(base_model="BPR", judge_item_text="title"))
     assert judges.judge_from_config(config, [[1, 2]] * 3, ["", "a", "b"], ["", "a (genres)", "b (genres)"]).titles[1] == "a"
+
+
+def test_cold_norm_cap_bounds_every_item_table_and_leaves_warm_rows_alone():
+    _, _, _, model = _built(base_model="NeuMF", aug_cold_norm_cap=0.5)
+    tables = [model.base.item_mf_embedding, model.base.item_mlp_embedding]
+    cold, warm = model.cold_items, model.warm_items
+    for table in tables:
+        raw = table.parametrizations.weight.original
+        with torch.no_grad():
+            raw[cold[0]] *= 100.0  # far above the cap
+            raw[cold[1]] *= 1e-3  # far below it: untouched
+        weight = table.weight
+        cap = 0.5 * raw[warm].norm(dim=1).mean()
+        assert torch.isclose(weight[cold[0]].norm(), cap)
+        assert torch.allclose(F.normalize(weight[cold[0]], dim=0), F.normalize(raw[cold[0]], dim=0), atol=1e-6)
+        assert torch.equal(weight[cold[1]], raw[cold[1]])
+        assert torch.equal(weight[warm], raw[warm])
+        assert (weight[cold].norm(dim=1) <= cap * (1 + 1e-5)).all()
+    model.aug_loss(model.aug_pairs).backward()
+    grad = model.base.item_mf_embedding.parametrizations.weight.original.grad
+    assert grad[torch.unique(model.aug_pairs[:, 1:])].abs().sum() > 0, "the judged cold items still learn"
+    assert grad[warm].abs().sum() == 0, "the cap's warm-norm reference takes no gradient"
+
+
+def test_cold_norm_cap_trains_saves_and_reloads_end_to_end():
+    result = objective_function(_augbpr_config(base_model="BPR", judge="random", aug_cold_norm_cap=1.0, epochs=1,
+                                               cold_item_args={"ratio": 0.2, "by": "time", "negatives": False}),
+                                [ML_TINY_YAML])
+    assert "cold_start_items" in result["group_results"]
+
+
+def test_cold_norm_cap_needs_a_positive_ratio_and_an_item_table():
+    with pytest.raises(ValueError, match="aug_cold_norm_cap must be a positive ratio"):
+        _built(base_model="BPR", aug_cold_norm_cap=0)
+    with pytest.raises(ValueError, match="aug_cold_norm_cap: base_model=Pop has no item-embedding table"):
+        _built(base_model="Pop", aug_cold_norm_cap=1.0)

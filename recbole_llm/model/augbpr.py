@@ -22,6 +22,15 @@ context-aware models trained pointwise (NeuMF, DMF, FM, ...) predict a probabili
 for the items it must move (cold-start items predicted near 0). ``predict`` and
 ``full_sort_predict`` are the base model's: no LLM at serving time.
 
+With ``aug_cold_norm_cap: r`` (not in the paper) every item-embedding table of the base model (its
+``nn.Embedding`` modules with one row per item) is reparametrised so that a cold-start item's row
+never has a norm above r times the mean norm of the warm items' rows. Why: when cold items are kept
+out of the negatives (``cold_item_args.negatives: false``), the aux loss is their only gradient, and
+Adam's per-parameter step ignores its size (``aug_weight`` 0.01 moves them as far as 0.1), so
+their norms keep growing until they crowd the warm items out of every user's top list
+(``benchmarks/augbpr_cold_items``). The cap bounds how far they can rise while the judge still sets
+their direction.
+
 The model type, input type and dataset class follow the base model (``for_config``), and the base
 model's yaml defaults are loaded under ``properties/model/AugBPR.yaml``. Judged pairs are sampled
 with ``aug_seed`` (not the training seed), so runs with several seeds and base models share one
@@ -33,6 +42,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
+from torch import nn
+from torch.nn.utils import parametrize
 from recbole.data.interaction import Interaction
 from recbole.model.abstract_recommender import AbstractRecommender
 from recbole.utils import InputType, ModelType
@@ -134,6 +145,21 @@ class AugBPR(AbstractRecommender):
 
         if self.type == ModelType.SEQUENTIAL:
             self._register_sequences(config)
+        cap = config["aug_cold_norm_cap"]
+        if cap is not None:
+            self._cap_cold_item_norms(float(cap), dataset.item_num)
+
+    def _cap_cold_item_norms(self, ratio, item_num):
+        """Reparametrise every item-embedding table of the base model with ``ColdRowNormCap``."""
+        if ratio <= 0:
+            raise ValueError(f"aug_cold_norm_cap must be a positive ratio of the mean warm-item norm (or null = "
+                             f"off), got {ratio}")
+        tables = [m for m in self.base.modules() if isinstance(m, nn.Embedding) and m.num_embeddings == item_num]
+        if not tables:
+            raise ValueError(f"aug_cold_norm_cap: base_model={type(self.base).__name__} has no item-embedding table "
+                             f"(an nn.Embedding with {item_num} rows) to cap")
+        for table in tables:
+            parametrize.register_parametrization(table, "weight", ColdRowNormCap(self.cold_items, self.warm_items, ratio))
 
     def _judge_histories(self, config):
         """What the judge is shown: each user's own history (the paper) or, as a control, one
@@ -263,3 +289,21 @@ class AugBPR(AbstractRecommender):
                                          "pairs": len(truth), "seconds": report["seconds"],
                                          **judges.order_diagnostics(probs)}
         return results
+
+
+class ColdRowNormCap(nn.Module):
+    """Parametrisation of an item-embedding weight: cold-start rows scaled down to at most ``ratio``
+    times the mean norm of the warm rows (taken without gradient, so the cap follows the warm items
+    as they train but never pulls them)."""
+
+    def __init__(self, cold_items, warm_items, ratio):
+        super().__init__()
+        self.register_buffer("cold", torch.as_tensor(cold_items, dtype=torch.long), persistent=False)
+        self.register_buffer("warm", torch.as_tensor(warm_items, dtype=torch.long), persistent=False)
+        self.ratio = ratio
+
+    def forward(self, weight):
+        cap = self.ratio * weight[self.warm].detach().norm(dim=1).mean()
+        cold = weight[self.cold]
+        scale = (cap / cold.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+        return weight.index_copy(0, self.cold, cold * scale)
