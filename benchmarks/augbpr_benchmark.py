@@ -16,6 +16,7 @@ import json
 import math
 import os
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -54,6 +55,10 @@ for _judge, _label in (("llm", "llm"), ("llm_pointwise", "pw"), ("embedding", "e
     for _suffix in ("cw", "nn", "cw-nn"):
         METHODS.update({f"AugBPR-{_label}-{_suffix}-cap{r}": {**METHODS[f"AugBPR-{_label}-{_suffix}"],
                                                                "aug_cold_norm_cap": r} for r in CAPS})
+    # "-items": the aux loss moves only the item-embedding tables (aug_loss_moves), not the users
+    for _option in ("nn", "cw-nn", *(f"{o}-cap{r}" for o in ("nn", "cw-nn") for r in CAPS)):
+        METHODS[f"AugBPR-{_label}-{_option}-items"] = {**METHODS[f"AugBPR-{_label}-{_option}"],
+                                                       "aug_loss_moves": "items"}
 DEFAULT_METHODS = ["base", "AugBPR-llm", "AugBPR-emb"]
 # base model -> settings that keep its runs affordable on 2 CPU cores
 BASES = {
@@ -189,7 +194,7 @@ def cold_among_all_table(runs, bases):
             for r in runs:
                 option = r["method"].removeprefix(f"AugBPR-{label}-")
                 if (r["base"] == base and r["seed"] in seeds and r["method"].startswith(f"AugBPR-{label}-")
-                        and option.split("-w")[0].split("-cap")[0] in COLD_AMONG_ALL):
+                        and re.split(r"-w|-cap|-items", option)[0] in COLD_AMONG_ALL):
                     family.setdefault(r["method"], []).append(r)
             family = {m: rs for m, rs in family.items() if {r["seed"] for r in rs} == seeds}
             if not family:

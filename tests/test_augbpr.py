@@ -351,3 +351,18 @@ def test_cold_norm_cap_needs_a_positive_ratio_and_an_item_table():
         _built(base_model="BPR", aug_cold_norm_cap=0)
     with pytest.raises(ValueError, match="aug_cold_norm_cap: base_model=Pop has no item-embedding table"):
         _built(base_model="Pop", aug_cold_norm_cap=1.0)
+    with pytest.raises(ValueError, match="aug_loss_moves: base_model=Pop has no item-embedding table"):
+        _built(base_model="Pop", aug_loss_moves="items")
+    with pytest.raises(ValueError, match="aug_loss_moves must be 'all' or 'items'"):
+        _built(base_model="BPR", aug_loss_moves="users")
+
+
+def test_aux_loss_can_be_kept_to_the_item_tables():
+    for moves, users_learn in (("all", True), ("items", False)):
+        _, _, _, model = _built(base_model="NeuMF", aug_loss_moves=moves)
+        model.aug_loss(model.aug_pairs).backward()
+        grads = {name: p.grad for name, p in model.base.named_parameters()}
+        assert grads["item_mf_embedding.weight"].abs().sum() > 0
+        assert (grads["user_mf_embedding.weight"] is not None) == users_learn
+        assert (grads["mlp_layers.mlp_layers.1.weight"] is not None) == users_learn  # the tower too
+        assert all(p.requires_grad for p in model.parameters()), "nothing is left frozen for the base loss"

@@ -31,6 +31,12 @@ their norms keep growing until they crowd the warm items out of every user's top
 (``benchmarks/augbpr_cold_items``). The cap bounds how far they can rise while the judge still sets
 their direction.
 
+With ``aug_loss_moves: items`` (not in the paper) the aux loss moves only the base model's
+item-embedding tables: users, towers and encoders learn from the base loss alone. Why: on BPR the
+aux pairs also pull every judged user towards the cold items, which costs warm-item recall even when
+cold items take almost none of the top slots. (A sequential model's history items are rows of the
+same table, so there the aux loss still reaches warm items through the user's sequence.)
+
 The model type, input type and dataset class follow the base model (``for_config``), and the base
 model's yaml defaults are loaded under ``properties/model/AugBPR.yaml``. Judged pairs are sampled
 with ``aug_seed`` (not the training seed), so runs with several seeds and base models share one
@@ -148,18 +154,29 @@ class AugBPR(AbstractRecommender):
         cap = config["aug_cold_norm_cap"]
         if cap is not None:
             self._cap_cold_item_norms(float(cap), dataset.item_num)
+        self.aug_loss_moves = config["aug_loss_moves"] or "all"
+        if self.aug_loss_moves not in ("all", "items"):
+            raise ValueError(f"aug_loss_moves must be 'all' or 'items', got {self.aug_loss_moves!r}")
+        if self.aug_loss_moves == "items":
+            item_parameters = {id(p) for table in self._item_tables("aug_loss_moves", dataset.item_num)
+                               for p in table.parameters()}
+            self._held_by_aug = [p for p in self.base.parameters() if id(p) not in item_parameters]
 
     def _cap_cold_item_norms(self, ratio, item_num):
         """Reparametrise every item-embedding table of the base model with ``ColdRowNormCap``."""
         if ratio <= 0:
             raise ValueError(f"aug_cold_norm_cap must be a positive ratio of the mean warm-item norm (or null = "
                              f"off), got {ratio}")
+        for table in self._item_tables("aug_cold_norm_cap", item_num):
+            parametrize.register_parametrization(table, "weight", ColdRowNormCap(self.cold_items, self.warm_items, ratio))
+
+    def _item_tables(self, key, item_num):
+        """The base model's item-embedding tables: its ``nn.Embedding`` modules with one row per item."""
         tables = [m for m in self.base.modules() if isinstance(m, nn.Embedding) and m.num_embeddings == item_num]
         if not tables:
-            raise ValueError(f"aug_cold_norm_cap: base_model={type(self.base).__name__} has no item-embedding table "
-                             f"(an nn.Embedding with {item_num} rows) to cap")
-        for table in tables:
-            parametrize.register_parametrization(table, "weight", ColdRowNormCap(self.cold_items, self.warm_items, ratio))
+            raise ValueError(f"{key}: base_model={type(self.base).__name__} has no item-embedding table "
+                             f"(an nn.Embedding with {item_num} rows)")
+        return tables
 
     def _judge_histories(self, config):
         """What the judge is shown: each user's own history (the paper) or, as a control, one
@@ -239,7 +256,14 @@ class AugBPR(AbstractRecommender):
         with ``targets`` (the judge's probability that pos wins) the soft-label cross-entropy
         ``-(p log sigmoid(d) + (1 - p) log sigmoid(-d))``."""
         users, pos, neg = pairs.T
-        scores = self.pair_scores(torch.cat([users, users]), torch.cat([pos, neg]))
+        held = getattr(self, "_held_by_aug", [])  # aug_loss_moves: items
+        for parameter in held:  # left out of this loss's graph: it gets no gradient from it
+            parameter.requires_grad_(False)
+        try:
+            scores = self.pair_scores(torch.cat([users, users]), torch.cat([pos, neg]))
+        finally:
+            for parameter in held:
+                parameter.requires_grad_(True)
         pos_scores, neg_scores = scores.split(len(users))
         margin = pos_scores - neg_scores
         if targets is None:
