@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -178,7 +179,7 @@ def main():
     settings.update(parse_sets(args.set))
     runs_dir = Path(args.runs or ROOT / "results" / "allmrec_runs" / args.dataset)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    command = "nice -n 10 python -m benchmarks.allmrec_compare " + " ".join(sys.argv[1:])
+    command = "nice -n 10 python -m benchmarks.allmrec_compare " + shlex.join(sys.argv[1:])  # quoted, so the command can be pasted
     for name in args.variants:
         path = runs_dir / f"{name}.json"
         if path.exists():

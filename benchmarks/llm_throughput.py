@@ -15,6 +15,7 @@ Writes the table to ``--out`` (results/llm_throughput.md) with the CPU model and
 """
 import argparse
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -220,7 +221,7 @@ def main():
     for dtype, row in rows:
         row["peak"] = row["tflops"] * 1e12 / peaks[dtype]
     rows = [row for _, row in rows]
-    command = "python -m benchmarks.llm_throughput " + " ".join(sys.argv[1:])
+    command = "python -m benchmarks.llm_throughput " + shlex.join(sys.argv[1:])  # quoted, so the command can be pasted
     lines = [
         "# LLM paths: throughput as a fraction of this machine's matmul peak", "",
         f"Command: `{command}`", "",

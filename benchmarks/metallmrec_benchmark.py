@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -238,7 +239,7 @@ def main():
             summary = "  ".join(f"{s}: {v['mae']:.4f}/{v['ndcg@3']:.4f}" for s, v in run["scenarios"].items())
             print(f"[{method} seed {seed}{'' if fold is None else f' fold {fold}'}] {run['seconds']}s  {summary}", flush=True)
 
-    command = "nice -n 10 python -m benchmarks.metallmrec_benchmark " + " ".join(sys.argv[1:])
+    command = "nice -n 10 python -m benchmarks.metallmrec_benchmark " + shlex.join(sys.argv[1:])  # quoted, so the command can be pasted
     text = [
         f"# MetaLLMRec vs MeLU vs WideDeep on {args.dataset}: four scenarios",
         "",
