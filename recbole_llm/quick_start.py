@@ -143,6 +143,12 @@ def evaluate_groups(trainer, loaders):
     return {name: evaluate_seeded(trainer, loader) for name, loader in loaders.items()}
 
 
+def group_users(loaders):
+    """``{group name: number of users}`` of each loader: the n of an interval on the group's mean."""
+    return {name: len(torch.unique(loader._dataset.inter_feat[loader._dataset.uid_field]))
+            for name, loader in loaders.items()}
+
+
 def popularity_trainer(config, train_data):
     """A trainer holding RecBole's ``Pop`` fitted on ``train_data``, ties broken at random.
 
@@ -276,8 +282,7 @@ def train_and_test(config, saved=True, verbose=True):
         "best_valid_result": best_valid_result,
         "test_result": test_result,
         "group_results": evaluate_groups(trainer, groups),
-        "group_users": {name: len(torch.unique(loader._dataset.inter_feat[loader._dataset.uid_field]))
-                        for name, loader in groups.items()},  # for an interval on each group's mean
+        "group_users": group_users(groups),
     }
     if getattr(trainer, "stage_times", None):  # ALLMRec's training seconds per stage
         result["stage_seconds"] = {stage: round(seconds, 2) for stage, seconds in trainer.stage_times.items()}
@@ -430,8 +435,7 @@ def run_rating_baseline(model="WideDeep", dataset="ml-100k", config_dict=None, c
         "model": config["model"], "best_valid_score": best_score, "valid_score_bigger": config["valid_metric_bigger"],
         "best_valid_result": best_result, "test_result": trainer.evaluate(test, load_best_model=saved),
         "group_results": evaluate_groups(trainer, groups),
-        "group_users": {name: len(torch.unique(loader._dataset.inter_feat[loader._dataset.uid_field]))
-                        for name, loader in groups.items()},  # for an interval on each group's mean
+        "group_users": group_users(groups),
     }
     if saved and os.path.exists(trainer.saved_model_file):
         os.remove(trainer.saved_model_file)
