@@ -62,6 +62,10 @@ VARIANTS = {
                                                "stage2_frozen_projection_samples": 10 ** 9},
                                    "ablation: ALLMRec-score-token with F_U and F_I frozen at their initial weights "
                                    "(the score oracle's token inside ALLMRec's prompt)"),
+    "LLM-score-token": ("ALLMRec", {"use_user_token": False, "use_item_tokens": False, "candidate_score_token": True,
+                                    "score_token_layout": "separate", "stage2_objective": "listwise", "stages": [2]},
+                        "ablation: the score oracle's prompt, LLM-Only's prompt with the backbone's score token after "
+                        "each title (no user or item soft tokens, no rescaling; only a and b train)"),
     "ALLMRec-no-match": ("ALLMRec", {"match_weight": 0.0}, "ablation: no matching loss"),
     "ALLMRec-no-recon": ("ALLMRec", {"item_recon_weight": 0.0, "text_recon_weight": 0.0},
                          "ablation: no reconstruction losses"),

@@ -391,8 +391,33 @@ def test_candidate_score_token_carries_the_backbones_ranking(shared_cache):
     assert any(p is model.score_proj.weight for p in trainer._stage_parameters(2))
     trainer.fit(train_data, saved=False)
     assert torch.isfinite(model.predict(batch)).all()
-    with pytest.raises(ValueError, match="candidate_score_token"):
-        _setup(shared_cache, model="TALLRec", candidate_score_token=True)
+
+
+def test_score_token_alone_follows_each_title_without_soft_item_tokens(shared_cache):
+    # the score oracle's prompt inside ALLMRec: no user or item tokens, one score token per candidate
+    settings = dict(use_user_token=False, use_item_tokens=False, stage2_objective="listwise", stages=[2],
+                    stage2_max_samples=4, stage2_batch_size=2)
+    _, model, trainer, train_data, test_data = _setup(shared_cache, candidate_score_token=True,
+                                                      score_token_layout="separate", **settings)
+    _, plain, *_ = _setup(shared_cache, **settings)
+    assert plain.backbone is None and model.backbone is not None, "the score token alone needs the backbone"
+    batch = next(iter(test_data))[0]
+    history, candidates = model.history(batch, 0), batch["item_id"][:5]
+    vector = model._user_vectors(batch)[0]
+    z = model.candidate_scores(vector, candidates)
+    with torch.no_grad():
+        user, history_tokens, tokens = model.soft_tokens(vector, history, candidates)
+        assert user is None and history_tokens is None
+        torch.testing.assert_close(tokens, model.score_proj.offset + z.unsqueeze(-1) * model.score_proj.slope)
+        prompt = model.prompt_embeddings(vector, history, candidates)
+        assert len(prompt) == len(plain.prompt_embeddings(None, history, candidates)) + len(candidates)
+    assert {id(p) for p in trainer._stage_parameters(2)} == {id(p) for p in model.score_proj.parameters()}
+    before = model.score_proj.slope.detach().clone()
+    trainer.fit(train_data, saved=False, verbose=False)
+    assert not torch.equal(before, model.score_proj.slope), "stage 2 trains the score token"
+    assert torch.isfinite(model.predict(batch)).all()
+    with pytest.raises(ValueError, match="stages: \\[2\\]"):
+        _setup(shared_cache, candidate_score_token=True, use_user_token=False, use_item_tokens=False)
 
 
 def test_separate_score_token_follows_each_candidates_item_token(shared_cache):

@@ -163,9 +163,6 @@ class ALLMRec(SequentialRecommender):
             self.item_proj = mlp_projector(token_input, hidden, torch.nn.GELU())
         self.candidate_score_token = bool(config["candidate_score_token"])
         if self.candidate_score_token:
-            if self.backbone is None or not self.use_item_tokens:
-                raise ValueError("candidate_score_token adds the backbone's score to the candidate tokens: "
-                                 "it needs the backbone and use_item_tokens")
             self.score_token_layout = self._choice(config, "score_token_layout", ("add", "separate"))
             if self.score_token_layout == "add":
                 self.score_proj = torch.nn.Linear(1, hidden)  # token += a + z * b (a, b trained in stage 2)
@@ -185,8 +182,9 @@ class ALLMRec(SequentialRecommender):
 
     @staticmethod
     def needs_backbone(config):
-        """Soft tokens and full ranking need the backbone; the LLM-only prompt does not."""
-        return bool(config["use_user_token"] or config["use_item_tokens"] or config["eval_args"]["mode"] == "full")
+        """Soft tokens, the score token and full ranking need the backbone; the LLM-only prompt does not."""
+        return bool(config["use_user_token"] or config["use_item_tokens"] or config["candidate_score_token"]
+                    or config["eval_args"]["mode"] == "full")
 
     @classmethod
     def prerequisites(cls, config):
@@ -344,18 +342,22 @@ class ALLMRec(SequentialRecommender):
         norm of the LLM's word embeddings (untrained projections give norms ~5x theirs);
         ``candidate_score_token`` adds ``a + z * b`` to each candidate's token, z its standardised
         backbone score for this user (not in the paper); ``score_token_layout: separate`` gives
-        that score a token of its own right after the item's (candidate tokens ``[n, 2, H]``)."""
+        that score a token of its own right after the item's (candidate tokens ``[n, 2, H]``).
+        Without item tokens the score token alone follows each title: the score oracle's prompt."""
         user = self.user_proj(user_vector) if self.use_user_token else None
         history_tokens = candidate_tokens = None
         if self.use_item_tokens:
             projected = self.item_proj(self.joint_item_embeddings(torch.cat([history, candidates])))
             history_tokens, candidate_tokens = projected[: len(history)], projected[len(history):]
-            if self.candidate_score_token:
-                z = self.candidate_scores(user_vector, candidates)
-                if self.score_token_layout == "add":
-                    candidate_tokens = candidate_tokens + self.score_proj(z.unsqueeze(-1))
-                else:
-                    candidate_tokens = torch.stack([candidate_tokens, self.score_proj(z).to(candidate_tokens.dtype)], 1)
+        if self.candidate_score_token:
+            z = self.candidate_scores(user_vector, candidates)
+            score = self.score_proj(z.unsqueeze(-1) if self.score_token_layout == "add" else z)
+            if candidate_tokens is None:
+                candidate_tokens = score
+            elif self.score_token_layout == "add":
+                candidate_tokens = candidate_tokens + score
+            else:
+                candidate_tokens = torch.stack([candidate_tokens, score.to(candidate_tokens.dtype)], 1)
         if self.soft_token_norm == "word":
             user, history_tokens, candidate_tokens = (
                 None if t is None else t * (self.word_norm / t.norm(dim=-1, keepdim=True).clamp(min=1e-6))

@@ -46,8 +46,9 @@ class ALLMRecTrainer(CheckpointSafeMixin, Trainer):
         self.stages = [int(s) for s in (config["stages"] if config["stages"] is not None else [1, 2])]
         if any(s not in (1, 2) for s in self.stages):
             raise ValueError(f"stages must list 1 and/or 2, got {config['stages']!r}")
-        if 1 in self.stages and model.backbone is None:
-            raise ValueError("stage 1 aligns the backbone with text: enable use_user_token or use_item_tokens")
+        if 1 in self.stages and not (model.use_user_token or model.use_item_tokens):
+            raise ValueError("stage 1 aligns the backbone with text for the soft tokens: enable use_user_token or "
+                             "use_item_tokens, or train stage 2 only (stages: [2])")
         self.plan = [(1, e) for e in range(int(config["stage1_epochs"])) if 1 in self.stages]
         self.plan += [(2, e) for e in range(int(config["stage2_epochs"])) if 2 in self.stages]
         self.stage_times = {}
