@@ -37,6 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CONDITIONED = {"latent_norm": "standardise", "soft_token_norm": "word", "cold_item_text_tokens": "inference"}
 SCORE = {**CONDITIONED, "candidate_score_token": True, "stage2_objective": "listwise"}
 
+# the score oracle's prompt: LLM-Only's prompt with the backbone's score token after each title
+SCORE_ALONE = {"use_user_token": False, "use_item_tokens": False, "candidate_score_token": True,
+                        "score_token_layout": "separate", "stage2_objective": "listwise", "stages": [2]}
+
 # name -> (model, overrides, what it is)
 VARIANTS = {
     "Pop": ("ALLMRec", {}, "control: RecBole's Pop (training counts of the target items), ties broken at random"),
@@ -62,10 +66,12 @@ VARIANTS = {
                                                "stage2_frozen_projection_samples": 10 ** 9},
                                    "ablation: ALLMRec-score-token with F_U and F_I frozen at their initial weights "
                                    "(the score oracle's token inside ALLMRec's prompt)"),
-    "LLM-score-token": ("ALLMRec", {"use_user_token": False, "use_item_tokens": False, "candidate_score_token": True,
-                                    "score_token_layout": "separate", "stage2_objective": "listwise", "stages": [2]},
+    "LLM-score-token": ("ALLMRec", SCORE_ALONE,
                         "ablation: the score oracle's prompt, LLM-Only's prompt with the backbone's score token after "
                         "each title (no user or item soft tokens, no rescaling; only a and b train)"),
+    "LLM-score-token-word": ("ALLMRec", {**SCORE_ALONE, "soft_token_norm": "word"},
+                             "ablation: LLM-score-token with the score token rescaled to word-embedding norm, "
+                             "as ALLMRec-score-token-frozen rescales it"),
     "ALLMRec-no-match": ("ALLMRec", {"match_weight": 0.0}, "ablation: no matching loss"),
     "ALLMRec-no-recon": ("ALLMRec", {"item_recon_weight": 0.0, "text_recon_weight": 0.0},
                          "ablation: no reconstruction losses"),
