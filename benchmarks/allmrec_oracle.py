@@ -15,7 +15,8 @@
 
 All train with the listwise loss (softmax over the candidates' title log-likelihoods, what
 ``predict`` ranks by) on users' last training transitions and report Hit@1 on held-out users
-against steps (a learning curve). The prompt is ALLMRec's own (``ALLMRec.prompt_embeddings`` with
+against steps (a learning curve); ``--eval_on valid`` scores those users' validation items instead,
+which the backbone never trained on. The prompt is ALLMRec's own (``ALLMRec.prompt_embeddings`` with
 the oracle's tokens in place of the soft tokens); ``item_token_position`` puts each token after
 (the paper) or before its title. Each run is stored as JSON under ``--runs`` (skipped when it
 exists); ``--table`` writes the markdown table from every stored run.
@@ -162,7 +163,7 @@ def run(args, overrides):
         **settings, "use_user_token": needs_backbone, "use_item_tokens": needs_backbone, "stages": []},
         command_line=False)
     init_seed(config["seed"], config["reproducibility"])
-    dataset, train_data, _, _ = prepare(config)
+    dataset, train_data, valid_data, _ = prepare(config)
     model = build_model(config, train_data).eval()
     oracle = ORACLES[args.oracle](model)
     sample = last_transitions(train_data, model)
@@ -170,6 +171,10 @@ def run(args, overrides):
     order = torch.randperm(len(sample), generator=generator)
     held_out, train_rows = order[: args.eval_users], order[args.eval_users:]
     eval_sample = sample[held_out]
+    if args.eval_on == "valid":  # the same users' next (validation) item: a target the backbone never trained on
+        users = set(eval_sample[model.USER_ID].tolist())
+        feat = valid_data._dataset.inter_feat
+        eval_sample = feat[torch.tensor([r for r, u in enumerate(feat[model.USER_ID].tolist()) if u in users])]
     eval_candidates = candidate_sets(model, eval_sample, generator)
     reference = None
     if args.oracle == "score":  # what the backbone's own ranking of these candidates reaches
@@ -199,7 +204,7 @@ def run(args, overrides):
         losses.append(loss.item())
     return {"oracle": args.oracle, "position": args.position, "llm": config["llm"], "llm_dtype": str(model.llm.dtype),
             "settings": {**settings, "lr": args.lr, "batch_size": args.batch_size, "steps": args.steps},
-            "eval_users": len(held_out), "chance": 1 / config["num_candidates"], "backbone_hit@1": reference, "curve": curve,
+            "eval_on": args.eval_on, "eval_users": len(eval_sample), "chance": 1 / config["num_candidates"], "backbone_hit@1": reference, "curve": curve,
             "seconds": round(time.time() - began, 1)}
 
 
@@ -223,6 +228,7 @@ def write_table(runs_dir, out, command):
         settings = record["settings"]
         shown = [f"{k}={v}" for k, v in settings.items() if k in SETTINGS and k != "torch_threads" and SETTINGS[k] != v]
         shown += [f"lr={settings['lr']}"] if settings.get("lr", 1e-2) != 1e-2 else []
+        shown += [f"eval_on={record['eval_on']}"] if record.get("eval_on", "train") != "train" else []
         setting = ", ".join(shown) or "-"
         for point in record["curve"]:
             lines.append(f"| {record['oracle']} | {record['position']} | {record['llm']} ({record['llm_dtype'].replace('torch.', '')}) "
@@ -242,13 +248,16 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--eval_users", type=int, default=60)
     parser.add_argument("--eval_every", type=int, default=30)
+    parser.add_argument("--eval_on", choices=["train", "valid"], default="train",
+                        help="held-out users' last training transitions (the backbone's score is in-sample there) "
+                             "or their validation items (unseen by the backbone)")
     parser.add_argument("--runs", default="results/runs/allmrec_oracle")
     parser.add_argument("--table", default=None, help="write the markdown table of every stored run here")
     parser.add_argument("--set", nargs="*", default=[], help="ALLMRec config overrides, key=value (yaml values)")
     args = parser.parse_args(argv)
     overrides = parse_sets(args.set)
     if args.oracle:
-        changed = [f"{k}={getattr(args, k)}" for k in ("steps", "batch_size", "lr") if getattr(args, k) != parser.get_default(k)]
+        changed = [f"{k}={getattr(args, k)}" for k in ("steps", "batch_size", "lr", "eval_on") if getattr(args, k) != parser.get_default(k)]
         tag = "-".join([args.oracle, args.position, *changed, *(f"{k}={v}" for k, v in sorted(overrides.items()))])
         path = Path(args.runs) / f"{tag.replace('/', '_')}.json"
         if path.exists():
