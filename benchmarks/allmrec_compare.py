@@ -39,7 +39,7 @@ SCORE = {**CONDITIONED, "candidate_score_token": True, "stage2_objective": "list
 
 # the score oracle's prompt: LLM-Only's prompt with the backbone's score token after each title
 SCORE_ALONE = {"use_user_token": False, "use_item_tokens": False, "candidate_score_token": True,
-                        "score_token_layout": "separate", "stage2_objective": "listwise", "stages": [2]}
+               "score_token_layout": "separate", "stage2_objective": "listwise", "stages": [2]}
 
 # name -> (model, overrides, what it is)
 VARIANTS = {
