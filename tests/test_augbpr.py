@@ -91,9 +91,9 @@ class _AlwaysA(judges.LLMJudge):
     def prompt_parts(self, history_titles):
         return f"history: {', '.join(history_titles)}", ""
 
-    def option_logprobs(self, prompts):
-        self.seen = prompts
-        return torch.log(torch.tensor([[0.8, 0.2]])).expand(len(prompts), 2)
+    def option_logprobs(self, prompt_groups):
+        self.seen = prompt_groups
+        return torch.log(torch.tensor([[0.8, 0.2]])).expand(sum(map(len, prompt_groups)), 2)
 
 
 def test_llm_judge_asks_both_orders_and_cancels_position_bias():
@@ -101,28 +101,44 @@ def test_llm_judge_asks_both_orders_and_cancels_position_bias():
     titles = ["", "one", "two", "three", "four", "five"]
     judge = _AlwaysA("tiny-random-llama", histories, titles, history_len=2)
     probs = judge.score(torch.tensor([[1, 4, 5]]))
-    assert judge.seen == ["history: two, three" + judge.options("four", "five"),
-                          "history: two, three" + judge.options("five", "four")]
+    assert judge.seen == [["history: two, three" + judge.options("four", "five"),
+                           "history: two, three" + judge.options("five", "four")]]
     assert torch.allclose(probs, torch.tensor([[0.8, 0.2]]))
     keep, _, confidence = judges.decide(probs)
     assert not keep.any() and confidence.item() == pytest.approx(0.0, abs=1e-6)
     assert judges.order_diagnostics(probs) == {"first_shown_wins": 1.0, "orders_agree": 0.0}
 
 
-def test_llm_judge_batches_prompts_without_changing_the_answer():
+def test_llm_judge_shares_each_history_among_its_prompts_without_changing_the_answer():
     judge = judges.LLMJudge("tiny-random-llama", [[], [1, 2]], ["", "a", "b", "c", "d"], dtype="float32",
-                            batch_size=3)
+                            batch_size=2)
     prefix, after = judge.prompt_parts(["a", "b"])
-    prompts = [prefix + judge.options("c", "d") + after, prefix + judge.options("a long title", "d") + after,
-               "B" + after, prefix + judge.options("d", "c") + after]
-    batched = judge.option_logprobs(prompts)
+    other, _ = judge.prompt_parts(["c"])
+    groups = [[prefix + judge.options("c", "d") + after, prefix + judge.options("a long title", "d") + after,
+               prefix + judge.options("d", "c") + after],
+              ["B" + after],  # a group of one: nothing to share
+              [other + judge.options("a", "b") + after, other + judge.options("b", "a") + after]]
+    batched = judge.option_logprobs(groups)
     model, tokenizer, chat, option_ids = judge._load()
+    prompts = [prompt for group in groups for prompt in group]
+    assert batched.shape == (len(prompts), 2)
     for row, prompt in enumerate(prompts):
         ids = tokenizer.encode(prompt, add_special_tokens=not chat)
         with torch.no_grad():
             alone = model(input_ids=torch.tensor([ids])).logits[0, -1].log_softmax(-1)[option_ids]
-        assert torch.allclose(batched[row], alone, atol=1e-4), "left padding and batching change nothing"
+        assert torch.allclose(batched[row], alone, atol=1e-4), "shared histories and batching change nothing"
     assert (batched < 0).all()
+
+
+def test_llm_judge_scores_pairs_in_any_order_and_grouping_alike():
+    histories = [[], [1, 2], [3, 4, 1], [2]]
+    judge = judges.LLMJudge("tiny-random-llama", histories, ["", "a", "b", "c", "d", "e"], dtype="float32")
+    pairs = torch.tensor([[1, 3, 4], [2, 5, 2], [1, 4, 5], [3, 1, 5], [2, 3, 1]])
+    together = judge.score(pairs)
+    one_by_one = torch.cat([judge.score(pair.unsqueeze(0)) for pair in pairs])
+    assert torch.allclose(together, one_by_one, atol=1e-5)
+    shuffled = torch.tensor([4, 0, 3, 1, 2])
+    assert torch.allclose(judge.score(pairs[shuffled]), together[shuffled], atol=1e-5)
 
 
 class _CountingJudge:
@@ -153,6 +169,14 @@ def test_judgements_resume_after_an_interruption_and_are_reused(tmp_path):
     cached, report = judges.judge_pairs(again, pairs, tmp_path, chunk_size=2, show_progress=False)
     assert (report["computed"], report["reused"], again.scored) == (0, 10, 0)
     assert torch.equal(cached, probs)
+
+
+def test_judgements_come_back_in_the_order_of_the_pairs_whatever_the_user_order(tmp_path):
+    pairs = torch.tensor([[3, 1, 2], [1, 5, 4], [3, 4, 1], [2, 2, 3], [1, 1, 3]])  # users unsorted
+    probs, _ = judges.judge_pairs(_CountingJudge(), pairs, tmp_path, chunk_size=2, show_progress=False)
+    assert torch.equal(probs, _CountingJudge().score(pairs))
+    reused, report = judges.judge_pairs(_CountingJudge(), pairs, tmp_path, chunk_size=2, show_progress=False)
+    assert report["reused"] == len(pairs) and torch.equal(reused, probs)
 
 
 def test_embedding_judge_prefers_the_item_closer_to_the_history():

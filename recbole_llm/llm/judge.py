@@ -34,7 +34,7 @@ import torch
 from recbole_llm.llm import models
 from recbole_llm.llm.cache import Cache, content_key
 from recbole_llm.llm.encoder import TextEmbedder, embed_from_config
-from recbole_llm.llm.scoring import left_pad, score_branches
+from recbole_llm.llm.scoring import branch_next_token_logprobs, score_branches
 
 JUDGES = ("llm", "llm_pointwise", "embedding", "random")  # what `judge` may name; PopularityJudge: benchmarks
 
@@ -105,40 +105,61 @@ class LLMJudge:
         return full[:cut], full[cut + len(marker):]
 
     @torch.no_grad()
-    def option_logprobs(self, prompts):
-        """``[len(prompts), 2]`` next-token log-probabilities of "A" and "B" after each prompt.
+    def option_logprobs(self, prompt_groups):
+        """``[n, 2]`` next-token log-probabilities of "A" and "B" after each prompt of
+        ``prompt_groups`` (lists of prompts, flattened in order; n = all prompts).
 
-        Prompts are run in left-padded batches of similar length (most users have one pair, so
-        there is little prefix to share; batching is what keeps the CPU busy).
+        The prompts of one group (one user's pairs, both orders) share their opening: its tokens
+        run once, and each prompt's remaining tokens follow it as a branch of one forward pass
+        (``scoring.branch_next_token_logprobs``), answered exactly as if the prompt were alone.
+        ``batch_size`` groups run per pass, groups of similar length together.
         """
         model, tokenizer, chat, option_ids = self._load()
-        encoded = [tokenizer.encode(p, add_special_tokens=not chat) for p in prompts]
-        out = torch.empty(len(prompts), 2)
-        by_length = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        embed = model.get_input_embeddings()
+        split = []
+        for group in prompt_groups:
+            encoded = [tokenizer.encode(p, add_special_tokens=not chat) for p in group]
+            shared = _common_prefix_length(encoded)
+            split.append((encoded[0][:shared], [ids[shared:] for ids in encoded]))
+        offsets = np.cumsum([0] + [len(group) for group in prompt_groups])
+        out = torch.empty(int(offsets[-1]), 2)
+        by_length = sorted(range(len(split)), key=lambda g: len(split[g][0]) + sum(map(len, split[g][1])))
         for start in range(0, len(by_length), self.batch_size):
-            rows = by_length[start:start + self.batch_size]
-            ids, mask, positions = left_pad([torch.tensor(encoded[row], dtype=torch.long) for row in rows], pad)
-            logits = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                           position_ids=positions.to(self.device), logits_to_keep=1).logits[:, -1].float()
-            out[rows] = logits.log_softmax(-1)[:, option_ids].cpu()
+            groups = by_length[start:start + self.batch_size]
+            prompts = [embed(torch.tensor(split[g][0], dtype=torch.long, device=self.device)) for g in groups]
+            answers = branch_next_token_logprobs(model, prompts, [split[g][1] for g in groups], option_ids)
+            for g, logprobs in zip(groups, answers):
+                out[offsets[g]:offsets[g + 1]] = logprobs.cpu()
         return out
 
     def score(self, pairs):
-        """Both orders of every pair, in one batched pass over all prompts."""
+        """Both orders of every pair; the pairs of one shown history form one group of prompts."""
         described = self.describe(pairs)
-        parts, prompts = {}, []
-        for history, title_a, title_b in described:
-            if history not in parts:
-                parts[history] = self.prompt_parts(list(history))
-            prefix, after = parts[history]
-            prompts += [prefix + self.options(title_a, title_b) + after, prefix + self.options(title_b, title_a) + after]
-        logprobs = self.option_logprobs(prompts).view(len(described), 2, 2)
+        by_history = {}
+        for row, (history, _, _) in enumerate(described):
+            by_history.setdefault(history, []).append(row)
+        groups, order = [], []
+        for history, rows in by_history.items():
+            prefix, after = self.prompt_parts(list(history))
+            groups.append([prefix + options + after for _, a, b in (described[row] for row in rows)
+                           for options in (self.options(a, b), self.options(b, a))])
+            order += rows
+        logprobs = torch.empty(len(described), 2, 2)  # [pair, order shown, option]
+        logprobs[order] = self.option_logprobs(groups).view(-1, 2, 2)
         # two-way normalisation P(A | A or B); with b shown first, "B" means a
         probs = torch.empty(len(described), 2)
         probs[:, 0] = logprobs[:, 0].softmax(-1)[:, 0]
         probs[:, 1] = logprobs[:, 1].softmax(-1)[:, 1]
         return probs
+
+
+def _common_prefix_length(sequences):
+    """Length of the longest common prefix of token-id lists, leaving every one at least one token."""
+    shortest = min(len(ids) for ids in sequences)
+    length = 0
+    while length < shortest - 1 and all(ids[length] == sequences[0][length] for ids in sequences):
+        length += 1
+    return length
 
 
 class PointwiseLLMJudge(LLMJudge):
@@ -303,13 +324,19 @@ def judge_pairs(judge, pairs, cache_dir, chunk_size=None, show_progress=True):
     pairs = torch.as_tensor(pairs, dtype=torch.long)
     chunk_size = chunk_size or getattr(judge, "chunk_size", 128)
     cache = Cache(cache_dir)
-    key = content_key("pair-judgements-v1", judge.identity, judge.describe(pairs))
+    # v2: the cache holds the judgements in the order of the pairs sorted by user, so the chunks
+    # keep a user's pairs together (the LLM judges share one history pass among them)
+    key = content_key("pair-judgements-v2", judge.identity, judge.describe(pairs))
     path = cache.path("judgements", judge.name, key)
+    by_user = torch.argsort(pairs[:, 0], stable=True)
+    sorted_pairs = pairs[by_user]
     stats = {}
     start = time.time()
-    probs = cache.chunked(path, len(pairs), chunk_size, lambda s, e: judge.score(pairs[s:e]),
-                          desc=f"Judging {len(pairs)} pairs with {judge.name}", show_progress=show_progress,
-                          stats=stats)
+    sorted_probs = cache.chunked(path, len(pairs), chunk_size, lambda s, e: judge.score(sorted_pairs[s:e]),
+                                 desc=f"Judging {len(pairs)} pairs with {judge.name}", show_progress=show_progress,
+                                 stats=stats)
+    probs = torch.empty_like(sorted_probs)
+    probs[by_user] = sorted_probs
     seconds = time.time() - start
     rate = stats["computed"] / seconds if stats["computed"] else float("nan")
     speed = f"{rate:.2f} pairs/s computed" if stats["computed"] else "all from the cache"

@@ -146,6 +146,37 @@ def _attention_masks(llm, allowed, position, dtype):
     return {"full_attention": _additive(allowed, dtype), "sliding_attention": _additive(allowed & near, dtype)}
 
 
+def _branch_forward(llm, prompt_embeds, continuations):
+    """One forward pass over prompts with their continuations side by side ("branches"; see
+    ``branch_log_likelihoods``). Returns ``(logits [B, keep, V], spans)``: the logits of the last
+    ``keep`` positions of every row and, per row, ``(first column, branch lengths)`` of its
+    branches within them (column ``first - 1`` is the prompt's last token)."""
+    embed = llm.get_input_embeddings()
+    device, dtype = embed.weight.device, embed.weight.dtype
+    rows, segments, positions, lengths = [], [], [], []
+    for prompt, branches in zip(prompt_embeds, continuations):
+        if not branches or any(len(c) == 0 for c in branches):
+            raise ValueError("every prompt needs continuations of at least one token each")
+        ids = torch.as_tensor([t for c in branches for t in c], dtype=torch.long, device=device)
+        rows.append(torch.cat([prompt.to(dtype), embed(ids)]))
+        seg, pos = _branch_layout(len(prompt), [len(c) for c in branches])
+        segments.append(torch.tensor(seg, device=device))
+        positions.append(torch.tensor(pos, device=device))
+        lengths.append([len(c) for c in branches])
+    inputs, attention, _ = left_pad(rows)
+    segment, _, _ = left_pad(segments, pad_value=-1)
+    position, _, _ = left_pad(positions, pad_value=0)
+    width = inputs.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    same_or_prompt = (segment.unsqueeze(1) == segment.unsqueeze(2)) | (segment.unsqueeze(1) == 0)
+    allowed = causal & same_or_prompt & attention.bool().unsqueeze(1)
+    allowed |= torch.eye(width, dtype=torch.bool, device=device)  # padding rows attend to themselves
+    keep = max(sum(row) for row in lengths) + 1  # the last prompt token and every branch token
+    logits = llm(inputs_embeds=inputs, attention_mask=_attention_masks(llm, allowed, position, dtype),
+                 position_ids=position, logits_to_keep=keep).logits.float()
+    return logits, [(keep - sum(row), row) for row in lengths]
+
+
 def branch_log_likelihoods(llm, prompt_embeds, continuations):
     """Token log-likelihoods of every continuation of every prompt, in ONE forward pass.
 
@@ -157,33 +188,10 @@ def branch_log_likelihoods(llm, prompt_embeds, continuations):
     continuation, while the prompt is computed once and every matmul sees all branches' rows.
     Returns, per prompt, a list of 1-D float32 tensors (one log-probability per token).
     """
-    embed = llm.get_input_embeddings()
-    device, dtype = embed.weight.device, embed.weight.dtype
-    rows, segments, positions, branch_spans = [], [], [], []
-    for prompt, branches in zip(prompt_embeds, continuations):
-        if not branches or any(len(c) == 0 for c in branches):
-            raise ValueError("every prompt needs continuations of at least one token each")
-        ids = torch.as_tensor([t for c in branches for t in c], dtype=torch.long, device=device)
-        rows.append(torch.cat([prompt.to(dtype), embed(ids)]))
-        seg, pos = _branch_layout(len(prompt), [len(c) for c in branches])
-        segments.append(torch.tensor(seg, device=device))
-        positions.append(torch.tensor(pos, device=device))
-        branch_spans.append((len(prompt), [len(c) for c in branches]))
-    inputs, attention, _ = left_pad(rows)
-    segment, _, _ = left_pad(segments, pad_value=-1)
-    position, _, _ = left_pad(positions, pad_value=0)
-    width = inputs.shape[1]
-    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-    same_or_prompt = (segment.unsqueeze(1) == segment.unsqueeze(2)) | (segment.unsqueeze(1) == 0)
-    allowed = causal & same_or_prompt & attention.bool().unsqueeze(1)
-    allowed |= torch.eye(width, dtype=torch.bool, device=device)  # padding rows attend to themselves
-    keep = max(sum(lengths) for _, lengths in branch_spans) + 1  # the last prompt token and every branch token
-    logits = llm(inputs_embeds=inputs, attention_mask=_attention_masks(llm, allowed, position, dtype),
-                 position_ids=position, logits_to_keep=keep).logits.float()
+    logits, spans = _branch_forward(llm, prompt_embeds, continuations)
     out = []
-    for b, (prompt_length, lengths) in enumerate(branch_spans):
-        start = keep - sum(lengths)  # column of the first branch token in the kept window
-        targets = torch.as_tensor([t for c in continuations[b] for t in c], dtype=torch.long, device=device)
+    for b, (start, lengths) in enumerate(spans):
+        targets = torch.as_tensor([t for c in continuations[b] for t in c], dtype=torch.long, device=logits.device)
         # each token is predicted by its predecessor in its own branch; a branch's first token by
         # the prompt's last token (column start - 1)
         predictor, column = [], start
@@ -193,6 +201,19 @@ def branch_log_likelihoods(llm, prompt_embeds, continuations):
         row_logits = logits[b, predictor]
         token_logp = row_logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - row_logits.logsumexp(-1)
         out.append(list(token_logp.split(lengths)))
+    return out
+
+
+@torch.no_grad()
+def branch_next_token_logprobs(llm, prompt_embeds, continuations, token_ids):
+    """Per prompt, ``[n_branches, len(token_ids)]`` log-probabilities of ``token_ids`` as the next
+    token after each of its continuations, all branches in one forward pass (``_branch_forward``):
+    the answer to a question that ends each branch, its shared context computed once."""
+    logits, spans = _branch_forward(llm, prompt_embeds, continuations)
+    out = []
+    for b, (start, lengths) in enumerate(spans):
+        last = start + torch.tensor(lengths, device=logits.device).cumsum(0) - 1  # each branch's final token
+        out.append(logits[b, last].log_softmax(-1)[:, token_ids])
     return out
 
 
