@@ -132,14 +132,21 @@ def llm_rows(name, dtype_name, repeats):
     for anomaly, seconds in times_by_anomaly_mode(stage2_step, repeats).items():
         row("stage-2 fwd+bwd (4 x 462 tokens)", anomaly_variant(anomaly), seconds, flops, "s per sample", 4)
 
-    # the A/B judge: 16 prompts of ~10 history titles
+    # the A/B judge: 16 prompts (8 pairs x 2 orders) of one user's ~10 history titles
     titles = [f"Movie number {i} ({1990 + i % 9})" for i in range(200)]
     judge = LLMJudge(name, [list(range(i, i + 10)) for i in range(0, 160, 10)], titles, dtype=dtype_name, batch_size=8)
     prefix, after = judge.prompt_parts(titles[:10])
     texts = [prefix + judge.options(titles[100 + k], titles[150 + k]) + after for k in range(16)]
-    tokens = sum(len(tokenizer.encode(t)) for t in texts)
-    seconds = best_time(lambda: judge.option_logprobs(texts), repeats)
-    row(f"A/B judge prompt (~{tokens // 16} tokens)", "-", seconds, count.forward(tokens, tokens * tokens / 32, 16),
+    lengths = [len(tokenizer.encode(t)) for t in texts]
+    path = f"A/B judge prompt (~{sum(lengths) // 16} tokens)"
+    seconds = best_time(lambda: judge.option_logprobs([[t] for t in texts]), repeats)  # groups of one: no sharing
+    row(path, "one prompt per row (earlier)", seconds, count.forward(sum(lengths), sum(n * (n + 1) / 2 for n in lengths), 16),
+        "s per prompt", 16)
+    shared = len(tokenizer.encode(prefix))  # about: the tokenizer may merge across the cut
+    branches = [n - shared for n in lengths]
+    seconds = best_time(lambda: judge.option_logprobs([texts]), repeats)
+    row(path, "history shared, options as branches", seconds,
+        count.forward(shared + sum(branches), shared * (shared + 1) / 2 + sum(b * (shared + (b + 1) / 2) for b in branches), 16),
         "s per prompt", 16)
     return rows
 
