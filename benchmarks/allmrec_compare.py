@@ -72,6 +72,9 @@ VARIANTS = {
     "LLM-score-token-word": ("ALLMRec", {**SCORE_ALONE, "soft_token_norm": "word"},
                              "ablation: LLM-score-token with the score token rescaled to word-embedding norm, "
                              "as ALLMRec-score-token-frozen rescales it"),
+    "LLM-score-token-word-20": ("ALLMRec", {**SCORE_ALONE, "soft_token_norm": "word", "num_candidates": 20},
+                                "ablation: LLM-score-token-word trained on 20-candidate lists (1 positive + 19 "
+                                "negatives), the length it is evaluated on"),
     "ALLMRec-no-match": ("ALLMRec", {"match_weight": 0.0}, "ablation: no matching loss"),
     "ALLMRec-no-recon": ("ALLMRec", {"item_recon_weight": 0.0, "text_recon_weight": 0.0},
                          "ablation: no reconstruction losses"),
