@@ -75,6 +75,10 @@ VARIANTS = {
     "LLM-score-token-word-20": ("ALLMRec", {**SCORE_ALONE, "soft_token_norm": "word", "num_candidates": 20},
                                 "ablation: LLM-score-token-word trained on 20-candidate lists (1 positive + 19 "
                                 "negatives), the length it is evaluated on"),
+    "LLM-score-token-word-5to20": ("ALLMRec", {**SCORE_ALONE, "soft_token_norm": "word", "num_candidates": 20,
+                                               "stage2_curriculum_samples": 160, "stage2_curriculum_candidates": 5},
+                                   "ablation: LLM-score-token-word trained on 5-candidate lists for 160 samples, then "
+                                   "on 20-candidate lists (a curriculum)"),
     "ALLMRec-no-match": ("ALLMRec", {"match_weight": 0.0}, "ablation: no matching loss"),
     "ALLMRec-no-recon": ("ALLMRec", {"item_recon_weight": 0.0, "text_recon_weight": 0.0},
                          "ablation: no reconstruction losses"),

@@ -472,3 +472,24 @@ def test_frozen_projection_samples_hold_the_projections_while_the_score_token_le
     # one batch of training moved them less than four did
     distance = {f: sum((a - b).norm() for a, b in zip(trained[f][1]["item_proj"], initial["item_proj"])) for f in (0, 6)}
     assert distance[6] < distance[0]
+
+
+def test_curriculum_shows_fewer_candidates_for_its_first_samples_then_num_candidates(shared_cache, monkeypatch):
+    settings = dict(stage2_objective="listwise", num_candidates=4, stage1_epochs=1, stage2_epochs=2,
+                    stage2_max_samples=4, stage2_batch_size=2, stage2_curriculum_samples=6,
+                    stage2_curriculum_candidates=2)
+    _, model, trainer, train_data, _ = _setup(shared_cache, **settings)
+    shown = []
+    negatives = model.sample_negatives
+
+    def counting(users, count, generator, extra_exclude=()):
+        if model.stage == 2:
+            shown.append(count + 1)
+        return negatives(users, count, generator, extra_exclude)
+
+    monkeypatch.setattr(model, "sample_negatives", counting)
+    trainer.fit(train_data, saved=False, verbose=False)
+    assert shown == [2, 2, 2, 4], "samples 0-5 (three batches across both epochs) on 2 candidates, then 4"
+    assert model.train_candidates == 4, "inference and later fits start from num_candidates"
+    with pytest.raises(ValueError, match="stage2_curriculum_candidates"):
+        _setup(shared_cache, **{**settings, "stage2_curriculum_candidates": 5})

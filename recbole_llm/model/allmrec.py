@@ -103,6 +103,9 @@ class ALLMRec(SequentialRecommender):
         self.use_item_tokens = bool(config["use_item_tokens"])
         self.history_len = int(config["history_len"])
         self.num_candidates = int(config["num_candidates"])
+        # candidates in the next stage-2 prompt: the trainer lowers it during a curriculum warm-up
+        # (stage2_curriculum_candidates), else num_candidates
+        self.train_candidates = self.num_candidates
         self.score_reduction = config["score_reduction"]
         self.score_batch_size = int(config["score_batch_size"])
         self.score_method = config["score_method"] or "branches"
@@ -531,7 +534,7 @@ class ALLMRec(SequentialRecommender):
         log-likelihoods (``score_reduction``), the very scores ``predict`` ranks by, so every
         candidate's title gets a gradient and the loss is about the choice, not the title's spelling."""
         users, targets = interaction[self.USER_ID], interaction[self.ITEM_ID]
-        negatives = self.sample_negatives(users, self.num_candidates - 1, generator, targets.unsqueeze(1).tolist())
+        negatives = self.sample_negatives(users, self.train_candidates - 1, generator, targets.unsqueeze(1).tolist())
         user_vectors = self._user_vectors(interaction) if self.needs_user_vectors else [None] * len(users)
         own = set(self._own_rows(len(users)).tolist())
         prompts, shown = [], []

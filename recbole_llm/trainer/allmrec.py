@@ -16,6 +16,10 @@ LLM first learns to read the one signal it can follow (results/allmrec_oracle.md
 projections start to move the item tokens under it. N larger than the whole budget freezes them
 throughout (an ablation).
 
+Curriculum: with ``stage2_curriculum_samples: N`` > 0, the first N stage-2 samples show
+``stage2_curriculum_candidates`` candidates per prompt (an easier choice: results/allmrec_ml-100k_score_sum_uni4.md,
+the score token is read on 5 candidates and not learned on 20), the rest ``num_candidates``.
+
 Learning curve: with ``stage2_eval_every: N`` > 0 and validation data, the validation metrics of
 ``stage2_eval_users`` seeded users are computed before stage 2 and after every N stage-2 batches
 (``trainer.learning_curve``, ``result["learning_curve"]``). The same users and sampled negatives
@@ -53,6 +57,10 @@ class ALLMRecTrainer(CheckpointSafeMixin, Trainer):
         self.plan += [(2, e) for e in range(int(config["stage2_epochs"])) if 2 in self.stages]
         self.stage_times = {}
         self._resumed_optimizer = None
+        self.curriculum_candidates = int(config["stage2_curriculum_candidates"] or 0)
+        if int(config["stage2_curriculum_samples"] or 0) > 0 and not 2 <= self.curriculum_candidates <= model.num_candidates:
+            raise ValueError(f"stage2_curriculum_candidates must be between 2 and num_candidates={model.num_candidates} "
+                             f"when stage2_curriculum_samples > 0, got {config['stage2_curriculum_candidates']!r}")
 
     # -- optimisers -------------------------------------------------------------------------------
 
@@ -137,10 +145,13 @@ class ALLMRecTrainer(CheckpointSafeMixin, Trainer):
         if distributed.is_distributed(self.config):
             self.model.loss_shard = distributed.rank_and_world(self.config)
         frozen_samples = int(self.config["stage2_frozen_projection_samples"] or 0) if stage == 2 else 0
+        curriculum_samples = int(self.config["stage2_curriculum_samples"] or 0) if stage == 2 else 0
         totals, count = {}, 0
         try:
             for start in batches:
                 self._freeze_projections(samples_before + start < frozen_samples)
+                self.model.train_candidates = (self.curriculum_candidates if samples_before + start < curriculum_samples
+                                               else self.model.num_candidates)
                 index = torch.from_numpy(rows[start:start + batch_size])
                 interaction = feat[index].to(self.device)
                 self.optimizer.zero_grad()
@@ -169,6 +180,7 @@ class ALLMRecTrainer(CheckpointSafeMixin, Trainer):
                         self._curve_point(self._curve_samples, self._curve_losses)
                         self._curve_losses = []
         finally:
+            self.model.train_candidates = self.model.num_candidates
             self._freeze_projections(False)  # never left frozen: the state dict and checkpoints keep them
         return {key: value / max(count, 1) for key, value in totals.items()}, len(rows)
 
