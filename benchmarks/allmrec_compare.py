@@ -145,10 +145,13 @@ def write_table(runs_dir, out, command, dataset):
     shown_dir = shown_dir.relative_to(ROOT) if shown_dir.is_relative_to(ROOT) else shown_dir
     mode = (records[order[0]]["settings"].get("eval_args") or {}).get("mode", "uni19") if order else "uni19"
     mode = mode.get("test", "uni19") if isinstance(mode, dict) else mode
-    negatives = int(mode[3:])  # uniN: 1 positive + N sampled negatives
-    candidates = negatives + 1
-    chance = [1 / candidates, min(5 / candidates, 1.0), min(10 / candidates, 1.0)]
-    lines = [f"# ALLMRec on {dataset}: {mode} Hit@1 (1 positive + {negatives} sampled negatives)", "",
+    if mode.startswith("uni"):  # uniN: 1 positive + N sampled negatives
+        candidates = int(mode[3:]) + 1
+        chance = [1 / candidates, min(5 / candidates, 1.0), min(10 / candidates, 1.0)]
+        title = f"{mode} Hit@1 (1 positive + {candidates - 1} sampled negatives)"
+    else:  # full (or pop-sampled) ranking: no fixed candidate list, chance is ~1 / #items
+        candidates, title = None, f"Hit@1 ranked by `eval_args.mode: {mode}`"
+    lines = [f"# ALLMRec on {dataset}: {title}", "",
              f"Table written by `{command}` from every run stored in `{shown_dir}` (each variant's JSON holds its "
              "settings; the variants were run by earlier invocations listed in the notes).", "",
              f"Hit@1 ± binomial standard error per group (the same users and sampled negatives for every variant); "
@@ -156,9 +159,10 @@ def write_table(runs_dir, out, command, dataset):
              "since 2026-12-02; earlier runs: see the notes).", "",
              "| variant | what | " + " | ".join(GROUPS) + " | Hit@5 / Hit@10 (test) | train s (stage 1 / 2) "
              "| test eval s per user |",
-             "|---|---|" + "---|" * len(GROUPS) + "---|---|---|",
-             f"| chance | a uniformly random order of the {candidates} candidates | "
-             + " | ".join(f"{chance[0]:.3f}" for _ in GROUPS) + f" | {chance[1]:.3f} / {chance[2]:.3f} | - | - |"]
+             "|---|---|" + "---|" * len(GROUPS) + "---|---|---|"]
+    if candidates:
+        lines.append(f"| chance | a uniformly random order of the {candidates} candidates | "
+                     + " | ".join(f"{chance[0]:.3f}" for _ in GROUPS) + f" | {chance[1]:.3f} / {chance[2]:.3f} | - | - |")
     for name in order:
         r = records[name]
         hits = [f"{r['results'][g]['hit@1']:.3f} ± {binomial_se(r['results'][g]['hit@1'], r['eval_users'][g]):.3f}"
