@@ -47,6 +47,9 @@ VARIANTS = {
     "SASRec": ("ALLMRec", {}, "the frozen backbone alone (its own scores)"),
     "LLM-Only": ("ALLMRec", {"use_user_token": False, "use_item_tokens": False, "stages": []},
                  "the same prompt without soft tokens, no training"),
+    "LLM-Only-prior": ("ALLMRec", {"use_user_token": False, "use_item_tokens": False, "stages": [],
+                                   "score_calibration": "title_prior"},
+                       "LLM-Only with each title's score after the answer cue alone subtracted (score_calibration)"),
     "ALLMRec": ("ALLMRec", {}, "both stages, paper losses"),
     "TALLRec": ("TALLRec", {}, "prompt without soft tokens, LoRA-tuned LLM on the same stage-2 samples"),
     "MLP-LLM": ("ALLMRec", {"item_embedding_source": "backbone", "stages": [2]},
@@ -79,6 +82,10 @@ VARIANTS = {
                                                "stage2_curriculum_samples": 160, "stage2_curriculum_candidates": 5},
                                    "ablation: LLM-score-token-word trained on 5-candidate lists for 160 samples, then "
                                    "on 20-candidate lists (a curriculum)"),
+    "LLM-score-token-word-20-prior": ("ALLMRec", {**SCORE_ALONE, "soft_token_norm": "word", "num_candidates": 20,
+                                                  "score_calibration": "title_prior"},
+                                      "ablation: LLM-score-token-word-20 with the title prior subtracted in the "
+                                      "listwise loss and in the ranking (score_calibration)"),
     "ALLMRec-no-match": ("ALLMRec", {"match_weight": 0.0}, "ablation: no matching loss"),
     "ALLMRec-no-recon": ("ALLMRec", {"item_recon_weight": 0.0, "text_recon_weight": 0.0},
                          "ablation: no reconstruction losses"),

@@ -124,8 +124,10 @@ def test_score_methods_agree_inside_the_model(shared_cache):
     assert torch.allclose(model.predict(batch), branches, atol=1e-4)
 
 
-def test_listwise_stage2_loss_equals_a_hand_computation(shared_cache):
-    config, model, _, train_data, _ = _setup(shared_cache, stage2_objective="listwise", num_candidates=4)
+@pytest.mark.parametrize("calibration", ["none", "title_prior"])
+def test_listwise_stage2_loss_equals_a_hand_computation(shared_cache, calibration):
+    config, model, _, train_data, _ = _setup(shared_cache, stage2_objective="listwise", num_candidates=4,
+                                             score_calibration=calibration)
     model.stage = 2
     batch = train_data._dataset.inter_feat[torch.arange(3)]
     loss = model.calculate_loss(batch, torch.Generator().manual_seed(5))
@@ -144,6 +146,9 @@ def test_listwise_stage2_loss_equals_a_hand_computation(shared_cache):
             candidates = candidates[torch.randperm(4, generator=generator)]
             prompt = model.prompt_embeddings(vectors[row], model.history(batch, row), candidates)
             scores = score_continuations(model.llm, prompt, [model.title_token_ids(int(i)) for i in candidates])
+            if calibration == "title_prior":  # each title's score after the answer cue alone
+                cue = model.llm.get_input_embeddings()(torch.tensor(model._text_ids(allmrec_module.ANSWER_CUE)))
+                scores = scores - score_continuations(model.llm, cue, [model.title_token_ids(int(i)) for i in candidates])
             target = int((candidates == targets[row]).nonzero()[0, 0])
             expected.append(-(scores[target] - scores.logsumexp(0)))
     assert loss.item() == pytest.approx(torch.stack(expected).mean().item(), abs=1e-4)
@@ -493,3 +498,17 @@ def test_curriculum_shows_fewer_candidates_for_its_first_samples_then_num_candid
     assert model.train_candidates == 4, "inference and later fits start from num_candidates"
     with pytest.raises(ValueError, match="stage2_curriculum_candidates"):
         _setup(shared_cache, **{**settings, "stage2_curriculum_candidates": 5})
+
+
+def test_title_prior_calibration_subtracts_each_titles_score_after_the_answer_cue_alone(shared_cache):
+    _, model, _, _, test_data = _setup(shared_cache, score_calibration="title_prior")
+    batch = next(iter(test_data))[0]
+    calibrated = model.predict(batch)
+    model.score_calibration = "none"
+    raw = model.predict(batch)
+    cue = model.llm.get_input_embeddings()(torch.tensor(model._text_ids(allmrec_module.ANSWER_CUE)))
+    items = batch["item_id"]
+    with torch.no_grad():
+        by_hand = score_continuations(model.llm, cue, [model.title_token_ids(int(i)) for i in items])
+    assert torch.allclose(calibrated, raw - by_hand, atol=1e-4)
+    assert model.title_prior()[0] == 0 and len(model.title_prior()) == model.n_items

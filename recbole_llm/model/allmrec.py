@@ -31,6 +31,7 @@
 The LLM (and the backbone) are submodules but their frozen weights are left out of
 ``state_dict``: checkpoints hold only what ALLMRec trains (see ``ALLMRecTrainer``).
 """
+import contextlib
 import hashlib
 import re
 
@@ -49,6 +50,7 @@ FINETUNE = ("full", "last", "frozen")
 ITEM_SOURCES = ("joint", "text", "backbone")
 SCORE_METHODS = ("branches", "kv_cache")
 STAGE2_OBJECTIVES = ("generation", "listwise")
+ANSWER_CUE = ". The recommendation is"  # the prompt's last words; every candidate's title follows them
 
 
 def mlp_projector(in_dim, out_dim, activation):
@@ -107,6 +109,8 @@ class ALLMRec(SequentialRecommender):
         # (stage2_curriculum_candidates), else num_candidates
         self.train_candidates = self.num_candidates
         self.score_reduction = config["score_reduction"]
+        self.score_calibration = self._choice(config, "score_calibration", ("none", "title_prior"))
+        self._title_prior = None  # [n_items] log-likelihood of each title after the answer cue alone (lazy)
         self.score_batch_size = int(config["score_batch_size"])
         self.score_method = config["score_method"] or "branches"
         if self.score_method not in SCORE_METHODS:
@@ -507,7 +511,7 @@ class ALLMRec(SequentialRecommender):
             text(f" in the previous. Recommend one next {words['prompt_item_noun']} for this user to "
                  f"{words['prompt_verb']} next from the following {words['prompt_item_noun']} title set,")
             item_list(candidates, cand_vec)
-            text(". The recommendation is")
+            text(ANSWER_CUE)
         embed = self.llm.get_input_embeddings()
         token_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         embeds = embed(token_ids)
@@ -559,6 +563,8 @@ class ALLMRec(SequentialRecommender):
         per_token = branch_log_likelihoods(self.llm, prompts, titles)
         reduce = (lambda t: t.mean()) if self.score_reduction == "mean" else (lambda t: t.sum())
         scores = torch.stack([torch.stack([reduce(t) for t in row]) for row in per_token])
+        if self.score_calibration == "title_prior":
+            scores = scores - torch.stack([self.title_prior()[candidates] for candidates, _ in shown]).to(scores.device)
         position = torch.stack([(candidates == t).nonzero()[0, 0] for candidates, t in shown])
         loss = F.cross_entropy(scores, position.to(scores.device))
         self.last_losses = {"listwise": loss.item(),
@@ -599,11 +605,31 @@ class ALLMRec(SequentialRecommender):
                       for score in score_branches(self.llm, prompts[start:start + n], targets[start:start + n],
                                                   self.score_reduction)]
         out = []
-        for order, score in zip(orders, scores):
+        for order, score, (_, _, _, candidates) in zip(orders, scores, requests):
             aligned = torch.empty(len(order), device=self.device)
             aligned[order] = score.to(self.device)
+            if self.score_calibration == "title_prior":
+                aligned -= self.title_prior()[candidates.to(self.device)]
             out.append(aligned)
         return out
+
+    @torch.no_grad()
+    def title_prior(self, items_per_pass=64):
+        """``score_calibration: title_prior`` (ours; domain-conditional PMI, Holtzman et al. 2021):
+        each title's score (``score_reduction``) after the answer cue alone, with no user, history
+        or candidates. Subtracted from every candidate's score, it removes what the LLM thinks of a
+        title regardless of the user (its length, its wording), so the ranking and the listwise
+        loss are about what the prompt adds. Computed once with the base LLM (LoRA adapters off)."""
+        if self._title_prior is None:
+            cue = self.llm.get_input_embeddings()(torch.tensor(self._text_ids(ANSWER_CUE),
+                                                               device=self.device))
+            titles = [self.title_token_ids(i) for i in range(1, self.n_items)]
+            base_llm = self.llm.disable_adapter() if hasattr(self.llm, "disable_adapter") else contextlib.nullcontext()
+            with base_llm:
+                parts = [score_branches(self.llm, [cue], [titles[k:k + items_per_pass]], self.score_reduction)[0]
+                         for k in range(0, len(titles), items_per_pass)]
+            self._title_prior = torch.cat([torch.zeros(1), *[p.cpu() for p in parts]]).to(self.device)
+        return self._title_prior
 
     @torch.no_grad()
     def generate(self, interaction, question, max_new_tokens=40, soft_tokens=True):
