@@ -139,6 +139,8 @@ def test_llm_judge_scores_pairs_in_any_order_and_grouping_alike():
     assert torch.allclose(together, one_by_one, atol=1e-5)
     shuffled = torch.tensor([4, 0, 3, 1, 2])
     assert torch.allclose(judge.score(pairs[shuffled]), together[shuffled], atol=1e-5)
+    judge.pairs_per_group = 1  # users 1 and 2 have two pairs each: now split over two groups
+    assert torch.allclose(judge.score(pairs), together, atol=1e-5)
 
 
 class _CountingJudge:

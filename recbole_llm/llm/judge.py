@@ -132,8 +132,14 @@ class LLMJudge:
                 out[offsets[g]:offsets[g + 1]] = logprobs.cpu()
         return out
 
+    # pairs per group of prompts: a group is one row of the forward pass, its attention quadratic in
+    # the row's length; a history shown to everyone (``judge_history: popular``) would otherwise put
+    # a whole chunk's pairs in one row (a user has ~4 pairs in AugBPR's default sampling)
+    pairs_per_group = 8
+
     def score(self, pairs):
-        """Both orders of every pair; the pairs of one shown history form one group of prompts."""
+        """Both orders of every pair; the pairs of one shown history form groups of prompts (at most
+        ``pairs_per_group`` pairs each) that share the history's tokens."""
         described = self.describe(pairs)
         by_history = {}
         for row, (history, _, _) in enumerate(described):
@@ -141,9 +147,11 @@ class LLMJudge:
         groups, order = [], []
         for history, rows in by_history.items():
             prefix, after = self.prompt_parts(list(history))
-            groups.append([prefix + options + after for _, a, b in (described[row] for row in rows)
-                           for options in (self.options(a, b), self.options(b, a))])
-            order += rows
+            for start in range(0, len(rows), self.pairs_per_group):
+                part = rows[start:start + self.pairs_per_group]
+                groups.append([prefix + options + after for _, a, b in (described[row] for row in part)
+                               for options in (self.options(a, b), self.options(b, a))])
+                order += part
         logprobs = torch.empty(len(described), 2, 2)  # [pair, order shown, option]
         logprobs[order] = self.option_logprobs(groups).view(-1, 2, 2)
         # two-way normalisation P(A | A or B); with b shown first, "B" means a
