@@ -50,6 +50,10 @@ VARIANTS = {
     "LLM-Only-prior": ("ALLMRec", {"use_user_token": False, "use_item_tokens": False, "stages": [],
                                    "score_calibration": "title_prior"},
                        "LLM-Only with each title's score after the answer cue alone subtracted (score_calibration)"),
+    "LLM-Only-choice": ("ALLMRec", {"use_user_token": False, "use_item_tokens": False, "stages": [],
+                                    "score_reduction": "choice"},
+                        "LLM-Only with each title's log-probability under generation constrained to the candidates "
+                        "(score_reduction: choice)"),
     "ALLMRec": ("ALLMRec", {}, "both stages, paper losses"),
     "TALLRec": ("TALLRec", {}, "prompt without soft tokens, LoRA-tuned LLM on the same stage-2 samples"),
     "MLP-LLM": ("ALLMRec", {"item_embedding_source": "backbone", "stages": [2]},
@@ -86,6 +90,10 @@ VARIANTS = {
                                                   "score_calibration": "title_prior"},
                                       "ablation: LLM-score-token-word-20 with the title prior subtracted in the "
                                       "listwise loss and in the ranking (score_calibration)"),
+    "LLM-score-token-word-20-choice": ("ALLMRec", {**SCORE_ALONE, "soft_token_norm": "word", "num_candidates": 20,
+                                                   "score_reduction": "choice"},
+                                       "ablation: LLM-score-token-word-20 with choice scores (generation constrained "
+                                       "to the candidates) in the listwise loss and the ranking"),
     "ALLMRec-no-match": ("ALLMRec", {"match_weight": 0.0}, "ablation: no matching loss"),
     "ALLMRec-no-recon": ("ALLMRec", {"item_recon_weight": 0.0, "text_recon_weight": 0.0},
                          "ablation: no reconstruction losses"),

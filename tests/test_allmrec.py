@@ -79,6 +79,29 @@ def test_one_pass_branch_scoring_equals_cached_scoring_for_several_prompts():
     assert prompt.grad.abs().sum() > 0
 
 
+def test_choice_scores_are_generation_constrained_to_the_candidates():
+    llm, _ = load_causal_lm("tiny-random-llama", dtype="float32")
+    embed = llm.get_input_embeddings()
+    torch.manual_seed(0)
+    prompts = [(embed(torch.randint(5, 200, (n,))) + 0.05 * torch.randn(n, 32)).detach() for n in (12, 20)]
+    candidates = [[[5, 6, 7, 2], [5, 6, 8, 2], [5, 9, 2], [10, 11, 12, 2]], [[40, 2], [41, 42, 2]]]
+    scores = score_branches(llm, prompts, candidates, reduction="choice")
+    for prompt, titles, got in zip(prompts, candidates, scores):
+        assert got.logsumexp(0).item() == pytest.approx(0.0, abs=1e-5), "a distribution over the candidates"
+        for title, score in zip(titles, got):  # by hand: each token among the tokens the trie allows
+            expected = 0.0
+            for k, token in enumerate(title):
+                allowed = sorted({t[k] for t in titles if len(t) > k and t[:k] == title[:k]})
+                with torch.no_grad():
+                    full = torch.cat([prompt, embed(torch.tensor(title[:k], dtype=torch.long))])
+                    logits = llm(inputs_embeds=full.unsqueeze(0)).logits[0, -1].float()
+                expected += (logits[token] - logits[allowed].logsumexp(0)).item()
+            assert score.item() == pytest.approx(expected, abs=1e-4)
+    assert scores[0][3].item() == pytest.approx(
+        (score_branches(llm, prompts[:1], [[[5], [10]]])[0].log_softmax(0)[1]).item(), abs=1e-4), \
+        "a title whose first token is its own: only that token counts"
+
+
 def test_fit_sequences_keeps_the_most_recent_items():
     seq = torch.tensor([[1, 2, 3, 4, 0], [5, 6, 0, 0, 0]])
     out, lengths = fit_sequences(seq, torch.tensor([4, 2]), 3)
@@ -112,6 +135,22 @@ def test_position_only_scorer_gets_chance_hit_at_1(shared_cache, monkeypatch):
     first = sum(int(model.candidate_order(user, 20)[0] == 0) for user in range(4000)) / 4000
     assert abs(first - 0.05) < 0.015
     assert torch.equal(model.candidate_order(7, 20), model.candidate_order(7, 20))
+
+
+def test_choice_scores_sum_to_one_per_user_and_need_the_branch_scorer(shared_cache):
+    _, model, _, _, test_data = _setup(shared_cache, score_reduction="choice")
+    batch = next(iter(test_data))[0]
+    scores = model.predict(batch)
+    checked = 0
+    for user in batch["user_id"].unique():
+        rows = batch["user_id"] == user
+        titles = {tuple(model.title_token_ids(int(i))) for i in batch["item_id"][rows]}
+        if len(titles) == int(rows.sum()):  # distinct titles: a distribution over the candidates
+            assert scores[rows].logsumexp(0).item() == pytest.approx(0.0, abs=1e-4)
+            checked += 1
+    assert checked > 0
+    with pytest.raises(ValueError, match="score_method: branches"):
+        _setup(shared_cache, score_reduction="choice", score_method="kv_cache")
 
 
 def test_score_methods_agree_inside_the_model(shared_cache):

@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 
 REDUCTIONS = ("sum", "mean")
+# "choice": the log-probability of generating a continuation when generation may only follow the
+# prompt's continuations (each token normalised over the next tokens they allow); branches only
+BRANCH_REDUCTIONS = REDUCTIONS + ("choice",)
 
 
 def kv_cache_argument(llm, cache):
@@ -185,7 +188,7 @@ def _branch_forward(llm, prompt_embeds, continuations):
     return logits, [(keep - sum(row), row) for row in lengths]
 
 
-def branch_log_likelihoods(llm, prompt_embeds, continuations):
+def branch_log_likelihoods(llm, prompt_embeds, continuations, among_continuations=False):
     """Token log-likelihoods of every continuation of every prompt, in ONE forward pass.
 
     ``prompt_embeds``: list of ``[P_b, H]`` prompts (soft tokens allowed; gradients flow back);
@@ -194,6 +197,10 @@ def branch_log_likelihoods(llm, prompt_embeds, continuations):
     branch see the whole prompt and its own earlier tokens, never another branch, and its position
     ids continue the prompt's, so each branch is scored exactly as if it were the only
     continuation, while the prompt is computed once and every matmul sees all branches' rows.
+    ``among_continuations``: normalise each token over the next tokens that the prompt's
+    continuations sharing its prefix allow (a trie), not over the vocabulary: a token that is the
+    only way on gets log-probability 0, so copying the rest of a listed title costs nothing and the
+    continuations' summed log-probabilities are a distribution over them (``reduction="choice"``).
     Returns, per prompt, a list of 1-D float32 tensors (one log-probability per token).
     """
     logits, spans = _branch_forward(llm, prompt_embeds, continuations)
@@ -207,9 +214,28 @@ def branch_log_likelihoods(llm, prompt_embeds, continuations):
             predictor += [start - 1] + list(range(column, column + length - 1))
             column += length
         row_logits = logits[b, predictor]
-        token_logp = row_logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - row_logits.logsumexp(-1)
+        if among_continuations:
+            allowed, valid = _next_tokens_allowed(continuations[b], logits.device)
+            normaliser = row_logits.gather(-1, allowed).masked_fill(~valid, float("-inf")).logsumexp(-1)
+        else:
+            normaliser = row_logits.logsumexp(-1)
+        token_logp = row_logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - normaliser
         out.append(list(token_logp.split(lengths)))
     return out
+
+
+def _next_tokens_allowed(continuations, device):
+    """``(ids [T, A], valid [T, A])``: for every token of every continuation (flattened), the
+    distinct tokens that the continuations sharing its prefix have at its position (padded)."""
+    nexts = {}
+    for tokens in continuations:
+        for k in range(len(tokens)):
+            nexts.setdefault(tuple(tokens[:k]), set()).add(tokens[k])
+    rows = [sorted(nexts[tuple(tokens[:k])]) for tokens in continuations for k in range(len(tokens))]
+    width = max(map(len, rows))
+    ids = torch.tensor([row + row[:1] * (width - len(row)) for row in rows], dtype=torch.long, device=device)
+    valid = torch.tensor([[True] * len(row) + [False] * (width - len(row)) for row in rows], device=device)
+    return ids, valid
 
 
 @torch.no_grad()
@@ -229,14 +255,15 @@ def branch_next_token_logprobs(llm, prompt_embeds, continuations, token_ids):
 
 @torch.no_grad()
 def score_branches(llm, prompt_embeds, continuations, reduction="sum"):
-    """``score_continuations`` for several prompts at once, each in one pass (``branch_log_likelihoods``).
+    """``score_continuations`` for several prompts at once, each in one pass (``branch_log_likelihoods``);
+    ``reduction="choice"``: the summed log-probabilities normalised among the prompt's continuations.
 
     Returns, per prompt, a float32 tensor with one score per continuation.
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if reduction not in BRANCH_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {BRANCH_REDUCTIONS}, got {reduction!r}")
     scores = []
-    for per_token in branch_log_likelihoods(llm, prompt_embeds, continuations):
+    for per_token in branch_log_likelihoods(llm, prompt_embeds, continuations, reduction == "choice"):
         totals = torch.stack([t.sum() for t in per_token])
         lengths = torch.tensor([len(t) for t in per_token], dtype=torch.float32, device=totals.device)
         scores.append(totals / lengths if reduction == "mean" else totals)

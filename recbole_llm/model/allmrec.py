@@ -43,7 +43,8 @@ from recbole.utils import InputType
 
 from recbole_llm.data.history import user_histories
 from recbole_llm.llm import models
-from recbole_llm.llm.scoring import branch_log_likelihoods, score_branches, score_continuations, target_token_loss
+from recbole_llm.llm.scoring import (BRANCH_REDUCTIONS, branch_log_likelihoods, score_branches, score_continuations,
+                                    target_token_loss)
 from recbole_llm.model.backbone import backbone_run, load_backbone
 
 FINETUNE = ("full", "last", "frozen")
@@ -108,7 +109,7 @@ class ALLMRec(SequentialRecommender):
         # candidates in the next stage-2 prompt: the trainer lowers it during a curriculum warm-up
         # (stage2_curriculum_candidates), else num_candidates
         self.train_candidates = self.num_candidates
-        self.score_reduction = config["score_reduction"]
+        self.score_reduction = self._choice(config, "score_reduction", BRANCH_REDUCTIONS)
         self.score_calibration = self._choice(config, "score_calibration", ("none", "title_prior"))
         self._title_prior = None  # [n_items] log-likelihood of each title after the answer cue alone (lazy)
         self.score_batch_size = int(config["score_batch_size"])
@@ -116,6 +117,9 @@ class ALLMRec(SequentialRecommender):
         if self.score_method not in SCORE_METHODS:
             raise ValueError(f"score_method must be one of {SCORE_METHODS}, got {self.score_method!r}")
         self.score_users_per_pass = int(config["score_users_per_pass"] or 1)
+        if self.score_reduction == "choice" and (self.score_method != "branches" or self.score_calibration != "none"):
+            raise ValueError("score_reduction: choice normalises among one prompt's candidates: it needs "
+                             "score_method: branches and score_calibration: none")
         self.stage2_objective = config["stage2_objective"] or "generation"
         if self.stage2_objective not in STAGE2_OBJECTIVES:
             raise ValueError(f"stage2_objective must be one of {STAGE2_OBJECTIVES}, got {self.stage2_objective!r}")
@@ -560,7 +564,7 @@ class ALLMRec(SequentialRecommender):
             return loss * self.loss_weight
         self.loss_weight = len(shown) / len(users)
         titles = [[self.title_token_ids(int(i)) for i in candidates] for candidates, _ in shown]
-        per_token = branch_log_likelihoods(self.llm, prompts, titles)
+        per_token = branch_log_likelihoods(self.llm, prompts, titles, self.score_reduction == "choice")
         reduce = (lambda t: t.mean()) if self.score_reduction == "mean" else (lambda t: t.sum())
         scores = torch.stack([torch.stack([reduce(t) for t in row]) for row in per_token])
         if self.score_calibration == "title_prior":
