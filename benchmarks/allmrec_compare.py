@@ -37,21 +37,22 @@ ROOT = Path(__file__).resolve().parents[1]
 CONDITIONED = {"latent_norm": "standardise", "soft_token_norm": "word", "cold_item_text_tokens": "inference"}
 SCORE = {**CONDITIONED, "candidate_score_token": True, "stage2_objective": "listwise"}
 
+# the prompt without soft tokens, untrained
+LLM_ONLY = {"use_user_token": False, "use_item_tokens": False, "stages": []}
 # the score oracle's prompt: LLM-Only's prompt with the backbone's score token after each title
 SCORE_ALONE = {"use_user_token": False, "use_item_tokens": False, "candidate_score_token": True,
                "score_token_layout": "separate", "stage2_objective": "listwise", "stages": [2]}
+WORD_20 = {**SCORE_ALONE, "soft_token_norm": "word", "num_candidates": 20}  # the score token alone, 20 candidates
 
 # name -> (model, overrides, what it is)
 VARIANTS = {
     "Pop": ("ALLMRec", {}, "control: RecBole's Pop (training counts of the target items), ties broken at random"),
     "SASRec": ("ALLMRec", {}, "the frozen backbone alone (its own scores)"),
-    "LLM-Only": ("ALLMRec", {"use_user_token": False, "use_item_tokens": False, "stages": []},
+    "LLM-Only": ("ALLMRec", LLM_ONLY,
                  "the same prompt without soft tokens, no training"),
-    "LLM-Only-prior": ("ALLMRec", {"use_user_token": False, "use_item_tokens": False, "stages": [],
-                                   "score_calibration": "title_prior"},
+    "LLM-Only-prior": ("ALLMRec", {**LLM_ONLY, "score_calibration": "title_prior"},
                        "LLM-Only with each title's score after the answer cue alone subtracted (score_calibration)"),
-    "LLM-Only-choice": ("ALLMRec", {"use_user_token": False, "use_item_tokens": False, "stages": [],
-                                    "score_reduction": "choice"},
+    "LLM-Only-choice": ("ALLMRec", {**LLM_ONLY, "score_reduction": "choice"},
                         "LLM-Only with each title's log-probability under generation constrained to the candidates "
                         "(score_reduction: choice)"),
     "ALLMRec": ("ALLMRec", {}, "both stages, paper losses"),
@@ -79,19 +80,17 @@ VARIANTS = {
     "LLM-score-token-word": ("ALLMRec", {**SCORE_ALONE, "soft_token_norm": "word"},
                              "ablation: LLM-score-token with the score token rescaled to word-embedding norm, "
                              "as ALLMRec-score-token-frozen rescales it"),
-    "LLM-score-token-word-20": ("ALLMRec", {**SCORE_ALONE, "soft_token_norm": "word", "num_candidates": 20},
+    "LLM-score-token-word-20": ("ALLMRec", WORD_20,
                                 "ablation: LLM-score-token-word trained on 20-candidate lists (1 positive + 19 "
                                 "negatives), the length it is evaluated on"),
-    "LLM-score-token-word-5to20": ("ALLMRec", {**SCORE_ALONE, "soft_token_norm": "word", "num_candidates": 20,
-                                               "stage2_curriculum_samples": 160, "stage2_curriculum_candidates": 5},
+    "LLM-score-token-word-5to20": ("ALLMRec", {**WORD_20, "stage2_curriculum_samples": 160,
+                                               "stage2_curriculum_candidates": 5},
                                    "ablation: LLM-score-token-word trained on 5-candidate lists for 160 samples, then "
                                    "on 20-candidate lists (a curriculum)"),
-    "LLM-score-token-word-20-prior": ("ALLMRec", {**SCORE_ALONE, "soft_token_norm": "word", "num_candidates": 20,
-                                                  "score_calibration": "title_prior"},
+    "LLM-score-token-word-20-prior": ("ALLMRec", {**WORD_20, "score_calibration": "title_prior"},
                                       "ablation: LLM-score-token-word-20 with the title prior subtracted in the "
                                       "listwise loss and in the ranking (score_calibration)"),
-    "LLM-score-token-word-20-choice": ("ALLMRec", {**SCORE_ALONE, "soft_token_norm": "word", "num_candidates": 20,
-                                                   "score_reduction": "choice"},
+    "LLM-score-token-word-20-choice": ("ALLMRec", {**WORD_20, "score_reduction": "choice"},
                                        "ablation: LLM-score-token-word-20 with choice scores (generation constrained "
                                        "to the candidates) in the listwise loss and the ranking"),
     "ALLMRec-no-match": ("ALLMRec", {"match_weight": 0.0}, "ablation: no matching loss"),
