@@ -5,6 +5,8 @@ evaluation users (``eval_max_users``); the backbone checkpoint is the one ALLMRe
 caches (content-keyed), so all variants share it. Before each evaluation the global seed is reset,
 so RecBole's uni19 sampler draws the same 19 negatives for every variant. Each finished variant is
 stored as JSON under ``--runs`` (skipped when run again); ``--table`` writes the markdown table.
+A trained variant's weights are kept under ``<checkpoint_dir>/allmrec_compare/<runs folder name>/``, so
+``--trained_from OTHER_RUNS`` evaluates them again (more users, other groups) without retraining.
 
     nice -n 10 python -m benchmarks.allmrec_compare --dataset=ml-100k \\
         --variants SASRec LLM-Only ALLMRec TALLRec --table results/allmrec_ml100k.md
@@ -26,6 +28,7 @@ import yaml
 from recbole.utils import init_logger, init_seed
 
 from benchmarks.common import cpu_description, parse_sets, write_report
+from recbole_llm.checkpoint import load_checkpoint, load_into_model
 from recbole_llm.config import Config
 from recbole_llm.quick_start import (build_model, evaluate_seeded, evaluation_loaders, load_model, popularity_trainer,
                                      prepare)
@@ -87,6 +90,10 @@ VARIANTS = {
                                                "stage2_curriculum_candidates": 5},
                                    "ablation: LLM-score-token-word trained on 5-candidate lists for 160 samples, then "
                                    "on 20-candidate lists (a curriculum)"),
+    "LLM-score-token-word-5to20-480": ("ALLMRec", {**WORD_20, "stage2_curriculum_samples": 160,
+                                                   "stage2_curriculum_candidates": 5, "stage2_max_samples": 480},
+                                       "ablation: LLM-score-token-word-5to20 with twice the 20-candidate phase "
+                                       "(160 samples on 5 candidates, then 320 on 20)"),
     "LLM-score-token-word-20-prior": ("ALLMRec", {**WORD_20, "score_calibration": "title_prior"},
                                       "ablation: LLM-score-token-word-20 with the title prior subtracted in the "
                                       "listwise loss and in the ranking (score_calibration)"),
@@ -102,6 +109,33 @@ VARIANTS = {
     "ALLMRec-match-norm": ("ALLMRec", {"match_norm": "batch"}, "ours: batch-standardised matching loss"),
 }
 GROUPS = ("test", "cold_items", "warm_items", "cold_users")
+# settings that change what is evaluated, not what is trained: --trained_from may differ in these
+EVALUATION_SETTINGS = {"eval_max_users", "show_progress", "torch_threads"}
+TRAINING_RECORD = ("build_seconds", "stage_seconds", "epoch_losses", "learning_curve")
+
+
+def weights_path(runs_dir, name, settings):
+    """Where a variant's trained weights are kept: under RecBole's ``checkpoint_dir`` (weights are
+    not results), in a folder named after the runs folder."""
+    return Path(settings.get("checkpoint_dir") or "saved") / "allmrec_compare" / Path(runs_dir).resolve().name / f"{name}.pth"
+
+
+def trained_source(name, settings, trained_from):
+    """The stored run and weights to evaluate instead of training ``name`` again; refused by name
+    when the run is missing, its weights are missing, or it was trained with other settings."""
+    run_path = Path(trained_from) / f"{name}.json"
+    if not run_path.exists():
+        raise SystemExit(f"--trained_from: no stored run {run_path}")
+    record = json.loads(run_path.read_text())
+    differ = sorted(k for k in set(settings) | set(record["settings"])
+                    if k not in EVALUATION_SETTINGS and settings.get(k) != record["settings"].get(k))
+    if differ or record["overrides"] != VARIANTS[name][1]:
+        raise SystemExit(f"--trained_from: {run_path} was trained with other settings "
+                         f"({differ or 'the variant overrides changed'}); run it again instead")
+    weights = weights_path(trained_from, name, settings)
+    if not weights.exists():
+        raise SystemExit(f"--trained_from: {run_path} has no stored weights ({weights}); run it again instead")
+    return record, weights
 
 
 def evaluate_groups(config, trainer, test_data, groups, only=None):
@@ -120,7 +154,9 @@ def binomial_se(p, n):
     return math.sqrt(p * (1 - p) / n) if n else float("nan")
 
 
-def run_variant(name, dataset, settings, only_groups=None):
+def run_variant(name, dataset, settings, only_groups=None, weights=None, trained=None):
+    """Train (weights written to ``weights``) and evaluate one variant; with ``trained`` (a stored
+    record and its weights, from ``trained_source``) only evaluate those weights."""
     model_name, overrides, _ = VARIANTS[name]
     config = Config(model=model_name, dataset=dataset, config_dict={**settings, **overrides}, command_line=False)
     init_seed(config["seed"], config["reproducibility"])
@@ -138,11 +174,19 @@ def run_variant(name, dataset, settings, only_groups=None):
         model = build_model(config, train_data)
         record["build_seconds"] = round(time.time() - began, 1)
         trainer = get_trainer(config["MODEL_TYPE"], model_name)(config, model)
-        curve = bool(config["stage2_eval_every"])  # validation Hit@1 along stage 2 (learning curve)
-        trainer.fit(train_data, valid_data if curve else None, saved=False, show_progress=False)
-        record["stage_seconds"] = {str(k): round(v, 1) for k, v in trainer.stage_times.items()}
-        record["epoch_losses"] = [[stage, epoch, losses] for stage, epoch, losses in trainer.epoch_losses]
-        record["learning_curve"] = trainer.learning_curve
+        if trained:
+            source, path = trained
+            load_into_model(model, load_checkpoint(path, model=model_name))
+            record.update({k: source[k] for k in TRAINING_RECORD if k in source}, trained_from=str(path))
+        else:
+            curve = bool(config["stage2_eval_every"])  # validation Hit@1 along stage 2 (learning curve)
+            if weights:
+                weights.parent.mkdir(parents=True, exist_ok=True)
+                trainer.saved_model_file = str(weights)
+            trainer.fit(train_data, valid_data if curve else None, saved=bool(weights), show_progress=False)
+            record["stage_seconds"] = {str(k): round(v, 1) for k, v in trainer.stage_times.items()}
+            record["epoch_losses"] = [[stage, epoch, losses] for stage, epoch, losses in trainer.epoch_losses]
+            record["learning_curve"] = trainer.learning_curve
     record["results"], record["eval_seconds"], record["eval_users"] = evaluate_groups(config, trainer, test_data, groups, only_groups)
     record["machine"] = {"cpu_count": os.cpu_count(), "torch_threads": config["torch_threads"], "python": platform.python_version()}
     return record
@@ -211,6 +255,9 @@ def main():
     parser.add_argument("--table", default=None, help="markdown table to write from every stored run")
     parser.add_argument("--set", nargs="*", default=[], help="key=value overrides for every variant")
     parser.add_argument("--groups", nargs="*", default=None, help=f"evaluate only these of {GROUPS} (default all)")
+    parser.add_argument("--trained_from", default=None,
+                        help="a --runs folder whose trained variants are evaluated here instead of training them again "
+                             f"(same settings except {sorted(EVALUATION_SETTINGS)})")
     args = parser.parse_args()
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
@@ -225,7 +272,10 @@ def main():
         if path.exists():
             print(f"{name}: stored in {path}, skipped")
             continue
-        record = run_variant(name, args.dataset, settings, args.groups)
+        trains = name not in ("Pop", "SASRec") and {**settings, **VARIANTS[name][1]}.get("stages", [1, 2]) != []
+        trained = trained_source(name, settings, args.trained_from) if args.trained_from and trains else None
+        weights = weights_path(runs_dir, name, settings) if trains else None
+        record = run_variant(name, args.dataset, settings, args.groups, weights, trained)
         path.write_text(json.dumps(record, indent=1, default=str))
         print(f"{name}: {record['results']['test']} -> {path}", flush=True)
     if args.table:

@@ -28,3 +28,41 @@ def test_table_title_and_chance_row_follow_the_runs_evaluation_mode(tmp_path, mo
     assert text.splitlines()[0] == f"# ALLMRec on ml-100k: {title}"
     assert "| SASRec |" in text and "0.500 ± 0.050" in text  # binomial SE of 0.5 on 100 users
     assert (chance in text) if chance else ("| chance |" not in text)
+
+
+def test_trained_from_evaluates_stored_weights_without_training(tmp_path, monkeypatch):
+    """A trained variant's weights are kept; --trained_from evaluates them again (here on fewer
+    users) with the training record copied, and refuses a run trained with other settings."""
+    import sys
+
+    import yaml
+
+    from benchmarks import allmrec_compare
+    from conftest import ML_TINY_YAML, TINY_ALLMREC, tiny_config
+    from recbole_llm.trainer.allmrec import ALLMRecTrainer
+
+    settings = {**yaml.safe_load(open(ML_TINY_YAML)), **tiny_config(**TINY_ALLMREC, cache_dir=str(tmp_path / "cache"))}
+    (tmp_path / "settings.yaml").write_text(yaml.safe_dump(settings))
+    variant = "LLM-score-token-word"
+
+    def compare(runs, *extra):
+        monkeypatch.setattr(sys, "argv", ["allmrec_compare", "--dataset=ml-tiny", "--variants", variant,
+                                          "--config", str(tmp_path / "settings.yaml"), "--runs", str(tmp_path / runs),
+                                          "--groups", "test", *extra])
+        allmrec_compare.main()
+        return json.loads((tmp_path / runs / f"{variant}.json").read_text())
+
+    trained = compare("first")
+    assert (tmp_path / "saved" / "allmrec_compare" / "first" / f"{variant}.pth").exists()
+    def no_training(*args, **kwargs):
+        raise AssertionError("--trained_from trained again")
+
+    monkeypatch.setattr(ALLMRecTrainer, "fit", no_training)
+    again = compare("again", "--trained_from", str(tmp_path / "first"))
+    assert again["trained_from"].endswith(f"{variant}.pth") and "trained_from" not in trained
+    assert again["epoch_losses"] == trained["epoch_losses"]
+    assert again["results"] == trained["results"]  # the same weights, users and negatives
+    fewer = compare("fewer", "--trained_from", str(tmp_path / "first"), "--set", "eval_max_users=2")
+    assert fewer["eval_users"]["test"] == 2 < trained["eval_users"]["test"]
+    with pytest.raises(SystemExit, match="stage2_lr"):
+        compare("other", "--trained_from", str(tmp_path / "first"), "--set", "stage2_lr=0.5")
