@@ -77,6 +77,12 @@ VARIANTS = {
                                                "stage2_frozen_projection_samples": 10 ** 9},
                                    "ablation: ALLMRec-score-token with F_U and F_I frozen at their initial weights "
                                    "(the score oracle's token inside ALLMRec's prompt)"),
+    "ALLMRec-score-token-frozen-5to20": ("ALLMRec", {**SCORE, "score_token_layout": "separate",
+                                                     "stage2_frozen_projection_samples": 10 ** 9, "num_candidates": 20,
+                                                     "stage2_curriculum_samples": 160,
+                                                     "stage2_curriculum_candidates": 5},
+                                         "ALLMRec-score-token-frozen with the curriculum of LLM-score-token-word-5to20 "
+                                         "(160 stage-2 samples on 5 candidates, then 20)"),
     "LLM-score-token": ("ALLMRec", SCORE_ALONE,
                         "ablation: the score oracle's prompt, LLM-Only's prompt with the backbone's score token after "
                         "each title (no user or item soft tokens, no rescaling; only a and b train)"),
