@@ -1,0 +1,139 @@
+"""What does a trained ALLMRec variant rank by? Its candidate scores next to LLM-Only's (the same
+prompt's title prior), the frozen backbone's and Pop's, on the same seeded uni19 candidates.
+
+The variant's weights are the ones ``allmrec_compare`` kept for ``--runs``; nothing trains. Each
+model's score of every (user, candidate) is recorded from ``predict`` during RecBole's seeded
+evaluation (the same users and negatives as the comparison tables) and stored per model under
+``--scores_dir`` (reused when run again, so the LLM models can run in parallel with ``--kinds``).
+Prints per-user Spearman and top-1 agreement with each control, a within-user regression of the
+trained scores on LLM-Only's and the backbone's, and Hit@1 of each score and of the trained score
+minus LLM-Only's (what the variant's tokens add to each title's log-likelihood).
+
+    nice -n 10 python -m benchmarks.allmrec_score_sources --runs results/allmrec_runs/ml-100k-score-sum-bb10 \\
+        --variant LLM-score-token-word-5to20 --users 300 --out results/allmrec_score_sources_ml-100k.md
+"""
+import argparse
+import json
+import math
+import pickle
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+from recbole.utils import init_logger, init_seed
+from scipy.stats import spearmanr
+
+from benchmarks.allmrec_compare import LLM_ONLY, ROOT, VARIANTS, weights_path
+from benchmarks.common import write_report
+from recbole_llm.checkpoint import load_checkpoint, load_into_model
+from recbole_llm.config import Config
+from recbole_llm.quick_start import (build_model, evaluate_seeded, evaluation_loaders, load_model, popularity_trainer,
+                                     prepare)
+from recbole_llm.utils import get_trainer
+
+KINDS = ("pop", "sasrec", "llm_only", "trained")
+
+
+def record_scores(kind, dataset, settings, runs, variant):
+    """``({(user, item): score}, {user: test item})`` of one model on the seeded test candidates."""
+    overrides = VARIANTS[variant][1] if kind == "trained" else (LLM_ONLY if kind == "llm_only" else {})
+    config = Config(model="ALLMRec", dataset=dataset, config_dict={**settings, **overrides}, command_line=False)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    data, train_data, _, test_data = prepare(config)
+    test_data, _ = evaluation_loaders(config, data, test_data)
+    if kind == "pop":
+        trainer = popularity_trainer(config, train_data)
+    elif kind == "sasrec":
+        backbone = load_model(config["backbone_checkpoint"], train_data._dataset).eval()
+        trainer = get_trainer(backbone.type, type(backbone).__name__)(config, backbone)
+    else:
+        model = build_model(config, train_data)
+        if kind == "trained":
+            load_into_model(model, load_checkpoint(weights_path(runs, variant, settings), model="ALLMRec"))
+        trainer = get_trainer(config["MODEL_TYPE"], "ALLMRec")(config, model)
+    model, batches = trainer.model, []
+    predict = model.predict
+
+    def recording_predict(interaction):
+        scores = predict(interaction)
+        batches.append((interaction[config["USER_ID_FIELD"]].tolist(), interaction[config["ITEM_ID_FIELD"]].tolist(),
+                        scores.detach().float().cpu().tolist()))
+        return scores
+
+    model.predict = recording_predict
+    result = evaluate_seeded(trainer, test_data)
+    print(kind, dict(result), flush=True)
+    table = {(u, i): s for users, items, scores in batches for u, i, s in zip(users, items, scores)}
+    inter = test_data._dataset.inter_feat
+    positives = dict(zip(inter[config["USER_ID_FIELD"]].tolist(), inter[config["ITEM_ID_FIELD"]].tolist()))
+    return table, positives
+
+
+def analyse(tables, positives):
+    by_user = {}
+    for u, i in tables["trained"]:
+        by_user.setdefault(u, []).append(i)
+    column = lambda kind, u: np.array([tables[kind][(u, i)] for i in by_user[u]])  # noqa: E731
+    lines = ["| compared with | per-user Spearman (mean ± SE) | top-1 agreement |", "|---|---|---|"]
+    for other in ("llm_only", "sasrec", "pop"):
+        rhos = [spearmanr(column("trained", u), column(other, u)).correlation for u in by_user]
+        agree = [by_user[u][column("trained", u).argmax()] == by_user[u][column(other, u).argmax()] for u in by_user]
+        lines.append(f"| {other} | {np.nanmean(rhos):.3f} ± {np.nanstd(rhos) / math.sqrt(len(rhos)):.3f} | "
+                     f"{np.mean(agree):.3f} |")
+    standard = lambda v: (v - v.mean()) / (v.std() + 1e-9)  # noqa: E731
+    X = np.concatenate([np.stack([standard(column("llm_only", u)), standard(column("sasrec", u))], 1) for u in by_user])
+    y = np.concatenate([standard(column("trained", u)) for u in by_user])
+    lines += ["", "| trained scores regressed on (standardised within user) | R² | coefficients |", "|---|---|---|"]
+    for name, cols in (("llm_only", [0]), ("sasrec", [1]), ("llm_only + sasrec", [0, 1])):
+        coef = np.linalg.lstsq(X[:, cols], y, rcond=None)[0]
+        lines.append(f"| {name} | {1 - ((y - X[:, cols] @ coef) ** 2).sum() / (y ** 2).sum():.3f} | "
+                     f"{np.round(coef, 3).tolist()} |")
+    ranked = {kind: (lambda u, i, k=kind: tables[k][(u, i)]) for kind in KINDS}
+    ranked["trained minus llm_only"] = lambda u, i: tables["trained"][(u, i)] - tables["llm_only"][(u, i)]
+    lines += ["", "| ranked by | Hit@1 ± binomial SE |", "|---|---|"]
+    for name, score in ranked.items():
+        hits = [max(by_user[u], key=lambda i: score(u, i)) == positives[u] for u in by_user]
+        p = float(np.mean(hits))
+        lines.append(f"| {name} | {p:.3f} ± {math.sqrt(p * (1 - p) / len(hits)):.3f} |")
+    lines += ["", f"Users: {len(by_user)}; candidates per user: {max(len(v) for v in by_user.values())}."]
+    return lines
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--runs", required=True, help="an allmrec_compare --runs folder holding the variant")
+    parser.add_argument("--variant", required=True)
+    parser.add_argument("--users", type=int, default=300, help="eval_max_users of the evaluation")
+    parser.add_argument("--kinds", nargs="*", default=list(KINDS), help=f"record only these of {KINDS}, then stop")
+    parser.add_argument("--scores_dir", default=str(ROOT / "saved" / "allmrec_score_sources"))
+    parser.add_argument("--out", default=None, help="markdown report to write")
+    args = parser.parse_args()
+    record = json.loads((Path(args.runs) / f"{args.variant}.json").read_text())
+    settings = {**(yaml.safe_load((ROOT / "benchmarks" / "allmrec_compare.yaml").read_text()) or {}),
+                **record["settings"], "eval_max_users": args.users}
+    tables, positives = {}, None
+    for kind in args.kinds:
+        path = Path(args.scores_dir) / f"{Path(args.runs).name}-{args.variant}-{args.users}-{kind}.pkl"
+        if path.exists():
+            tables[kind], found = pickle.loads(path.read_bytes())
+        else:
+            tables[kind], found = record_scores(kind, args.dataset, settings, args.runs, args.variant)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(pickle.dumps((tables[kind], found)))
+        positives = found or positives  # the test item of each user (LLM-Only's file may hold none)
+    if set(tables) != set(KINDS):
+        return
+    command = "nice -n 10 python -m benchmarks.allmrec_score_sources " + shlex.join(sys.argv[1:])
+    lines = [f"# What {args.variant} ranks by", "", f"Produced by `{command}`.", "", *analyse(tables, positives)]
+    if args.out:
+        write_report(args.out, lines)
+    else:
+        print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
