@@ -160,29 +160,41 @@ def binomial_se(p, n):
     return math.sqrt(p * (1 - p) / n) if n else float("nan")
 
 
-def run_variant(name, dataset, settings, only_groups=None, weights=None, trained=None):
-    """Train (weights written to ``weights``) and evaluate one variant; with ``trained`` (a stored
-    record and its weights, from ``trained_source``) only evaluate those weights."""
+def variant_trainer(name, dataset, settings, weights=None):
+    """``(config, trainer, (train, valid, test, groups) loaders, build seconds)`` of one variant,
+    untrained: the frozen backbone and Pop ready to evaluate, an LLM variant freshly built, with
+    ``weights`` (a kept checkpoint) loaded into it when given."""
     model_name, overrides, _ = VARIANTS[name]
     config = Config(model=model_name, dataset=dataset, config_dict={**settings, **overrides}, command_line=False)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     data, train_data, valid_data, test_data = prepare(config)
     test_data, groups = evaluation_loaders(config, data, test_data)
-    record = {"variant": name, "model": model_name, "overrides": overrides, "settings": settings}
-    began = time.time()
+    loaders, build_seconds = (train_data, valid_data, test_data, groups), None
     if name == "SASRec":
         backbone = load_model(config["backbone_checkpoint"], train_data._dataset).eval()
-        trainer = get_trainer(backbone.type, type(backbone).__name__)(config, backbone)
-    elif name == "Pop":
-        trainer = popularity_trainer(config, train_data)
-    else:
-        model = build_model(config, train_data)
-        record["build_seconds"] = round(time.time() - began, 1)
-        trainer = get_trainer(config["MODEL_TYPE"], model_name)(config, model)
+        return config, get_trainer(backbone.type, type(backbone).__name__)(config, backbone), loaders, build_seconds
+    if name == "Pop":
+        return config, popularity_trainer(config, train_data), loaders, build_seconds
+    began = time.time()
+    model = build_model(config, train_data)
+    build_seconds = round(time.time() - began, 1)
+    if weights:
+        load_into_model(model, load_checkpoint(weights, model=model_name))
+    return config, get_trainer(config["MODEL_TYPE"], model_name)(config, model), loaders, build_seconds
+
+
+def run_variant(name, dataset, settings, only_groups=None, weights=None, trained=None):
+    """Train (weights written to ``weights``) and evaluate one variant; with ``trained`` (a stored
+    record and its weights, from ``trained_source``) only evaluate those weights."""
+    model_name, overrides, _ = VARIANTS[name]
+    config, trainer, (train_data, valid_data, test_data, groups), build_seconds = variant_trainer(
+        name, dataset, settings, trained[1] if trained else None)
+    record = {"variant": name, "model": model_name, "overrides": overrides, "settings": settings}
+    if build_seconds is not None:
+        record["build_seconds"] = build_seconds
         if trained:
             source, path = trained
-            load_into_model(model, load_checkpoint(path, model=model_name))
             record.update({k: source[k] for k in TRAINING_RECORD if k in source}, trained_from=str(path))
         else:
             curve = bool(config["stage2_eval_every"])  # validation Hit@1 along stage 2 (learning curve)

@@ -22,38 +22,20 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from recbole.utils import init_logger, init_seed
 from scipy.stats import spearmanr
 
-from benchmarks.allmrec_compare import LLM_ONLY, ROOT, VARIANTS, weights_path
-from benchmarks.common import write_report
-from recbole_llm.checkpoint import load_checkpoint, load_into_model
-from recbole_llm.config import Config
-from recbole_llm.quick_start import (build_model, evaluate_seeded, evaluation_loaders, load_model, popularity_trainer,
-                                     prepare)
-from recbole_llm.utils import get_trainer
+from benchmarks.allmrec_compare import ROOT, variant_trainer, weights_path
+from benchmarks.common import cpu_description, write_report
+from recbole_llm.quick_start import evaluate_seeded
 
 KINDS = ("pop", "sasrec", "llm_only", "trained")
 
 
 def record_scores(kind, dataset, settings, runs, variant):
     """``({(user, item): score}, {user: test item})`` of one model on the seeded test candidates."""
-    overrides = VARIANTS[variant][1] if kind == "trained" else (LLM_ONLY if kind == "llm_only" else {})
-    config = Config(model="ALLMRec", dataset=dataset, config_dict={**settings, **overrides}, command_line=False)
-    init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
-    data, train_data, _, test_data = prepare(config)
-    test_data, _ = evaluation_loaders(config, data, test_data)
-    if kind == "pop":
-        trainer = popularity_trainer(config, train_data)
-    elif kind == "sasrec":
-        backbone = load_model(config["backbone_checkpoint"], train_data._dataset).eval()
-        trainer = get_trainer(backbone.type, type(backbone).__name__)(config, backbone)
-    else:
-        model = build_model(config, train_data)
-        if kind == "trained":
-            load_into_model(model, load_checkpoint(weights_path(runs, variant, settings), model="ALLMRec"))
-        trainer = get_trainer(config["MODEL_TYPE"], "ALLMRec")(config, model)
+    name = {"pop": "Pop", "sasrec": "SASRec", "llm_only": "LLM-Only", "trained": variant}[kind]
+    weights = weights_path(runs, variant, settings) if kind == "trained" else None
+    config, trainer, (_, _, test_data, _), _ = variant_trainer(name, dataset, settings, weights)
     model, batches = trainer.model, []
     predict = model.predict
 
@@ -128,7 +110,11 @@ def main():
     if set(tables) != set(KINDS):
         return
     command = "nice -n 10 python -m benchmarks.allmrec_score_sources " + shlex.join(sys.argv[1:])
-    lines = [f"# What {args.variant} ranks by", "", f"Produced by `{command}`.", "", *analyse(tables, positives)]
+    cpu, flags = cpu_description()
+    candidates = max(len([k for k in tables["trained"] if k[0] == u]) for u in positives)
+    lines = [f"# What {args.variant} ranks by", "", f"Produced by `{command}` ({cpu} with {', '.join(flags)}). "
+             f"Chance Hit@1: {1 / candidates:.3f} (1 positive among {candidates} candidates).", "",
+             *analyse(tables, positives)]
     if args.out:
         write_report(args.out, lines)
     else:
