@@ -6,7 +6,8 @@ caches (content-keyed), so all variants share it. Before each evaluation the glo
 so RecBole's uni19 sampler draws the same 19 negatives for every variant. Each finished variant is
 stored as JSON under ``--runs`` (skipped when run again); ``--table`` writes the markdown table.
 A trained variant's weights are kept under ``<checkpoint_dir>/allmrec_compare/<runs folder name>/``, so
-``--trained_from OTHER_RUNS`` evaluates them again (more users, other groups) without retraining.
+``--trained_from OTHER_RUNS`` evaluates them again (more users, other groups) without retraining, and
+the variants of ``EVALUATED_FROM`` rank another variant's kept weights another way.
 
     nice -n 10 python -m benchmarks.allmrec_compare --dataset=ml-100k \\
         --variants SASRec LLM-Only ALLMRec TALLRec --table results/allmrec_ml100k.md
@@ -100,6 +101,10 @@ VARIANTS = {
                                                    "stage2_curriculum_candidates": 5, "stage2_max_samples": 480},
                                        "ablation: LLM-score-token-word-5to20 with twice the 20-candidate phase "
                                        "(160 samples on 5 candidates, then 320 on 20)"),
+    "LLM-score-token-word-5to20-pp": ("ALLMRec", {**WORD_20, "stage2_curriculum_samples": 160,
+                                                  "stage2_curriculum_candidates": 5, "score_calibration": "prompt_prior"},
+                                      "LLM-score-token-word-5to20's weights ranked by what the score token adds: each "
+                                      "candidate's score minus LLM-Only's (score_calibration: prompt_prior at inference)"),
     "LLM-score-token-word-20-prior": ("ALLMRec", {**WORD_20, "score_calibration": "title_prior"},
                                       "ablation: LLM-score-token-word-20 with the title prior subtracted in the "
                                       "listwise loss and in the ranking (score_calibration)"),
@@ -114,6 +119,9 @@ VARIANTS = {
                             "ablation: q_i = f_T(SBERT) for every item instead of the joint e_i"),
     "ALLMRec-match-norm": ("ALLMRec", {"match_norm": "batch"}, "ours: batch-standardised matching loss"),
 }
+# variants that train nothing of their own: another variant's kept weights, ranked with the
+# overrides that make them differ (evaluation-only; taken from the --runs folder or --trained_from)
+EVALUATED_FROM = {"LLM-score-token-word-5to20-pp": "LLM-score-token-word-5to20"}
 GROUPS = ("test", "cold_items", "warm_items", "cold_users")
 # settings that change what is evaluated, not what is trained: --trained_from may differ in these
 EVALUATION_SETTINGS = {"eval_max_users", "show_progress", "torch_threads"}
@@ -291,8 +299,11 @@ def main():
             print(f"{name}: stored in {path}, skipped")
             continue
         trains = name not in ("Pop", "SASRec") and {**settings, **VARIANTS[name][1]}.get("stages", [1, 2]) != []
-        trained = trained_source(name, settings, args.trained_from) if args.trained_from and trains else None
-        weights = weights_path(runs_dir, name, settings) if trains else None
+        if name in EVALUATED_FROM:
+            trained, weights = trained_source(EVALUATED_FROM[name], settings, args.trained_from or runs_dir), None
+        else:
+            trained = trained_source(name, settings, args.trained_from) if args.trained_from and trains else None
+            weights = weights_path(runs_dir, name, settings) if trains else None
         record = run_variant(name, args.dataset, settings, args.groups, weights, trained)
         path.write_text(json.dumps(record, indent=1, default=str))
         print(f"{name}: {record['results']['test']} -> {path}", flush=True)

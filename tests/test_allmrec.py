@@ -163,7 +163,7 @@ def test_score_methods_agree_inside_the_model(shared_cache):
     assert torch.allclose(model.predict(batch), branches, atol=1e-4)
 
 
-@pytest.mark.parametrize("calibration", ["none", "title_prior"])
+@pytest.mark.parametrize("calibration", ["none", "title_prior", "prompt_prior"])
 def test_listwise_stage2_loss_equals_a_hand_computation(shared_cache, calibration):
     config, model, _, train_data, _ = _setup(shared_cache, stage2_objective="listwise", num_candidates=4,
                                              score_calibration=calibration)
@@ -188,6 +188,9 @@ def test_listwise_stage2_loss_equals_a_hand_computation(shared_cache, calibratio
             if calibration == "title_prior":  # each title's score after the answer cue alone
                 cue = model.llm.get_input_embeddings()(torch.tensor(model._text_ids(allmrec_module.ANSWER_CUE)))
                 scores = scores - score_continuations(model.llm, cue, [model.title_token_ids(int(i)) for i in candidates])
+            if calibration == "prompt_prior":  # the same prompt without soft tokens
+                bare = model.prompt_embeddings(None, model.history(batch, row), candidates, tokens=(None, None, None))
+                scores = scores - score_continuations(model.llm, bare, [model.title_token_ids(int(i)) for i in candidates])
             target = int((candidates == targets[row]).nonzero()[0, 0])
             expected.append(-(scores[target] - scores.logsumexp(0)))
     assert loss.item() == pytest.approx(torch.stack(expected).mean().item(), abs=1e-4)
@@ -551,3 +554,26 @@ def test_title_prior_calibration_subtracts_each_titles_score_after_the_answer_cu
         by_hand = score_continuations(model.llm, cue, [model.title_token_ids(int(i)) for i in items])
     assert torch.allclose(calibrated, raw - by_hand, atol=1e-4)
     assert model.title_prior()[0] == 0 and len(model.title_prior()) == model.n_items
+
+
+def test_prompt_prior_calibration_subtracts_the_same_prompts_scores_without_soft_tokens(shared_cache):
+    _, model, _, _, test_data = _setup(shared_cache, score_calibration="prompt_prior")
+    batch = next(iter(test_data))[0]
+    calibrated = model.predict(batch)
+    model.score_calibration = "none"
+    raw = model.predict(batch)
+    # by hand: each user's candidates in the order shown, scored after the prompt without soft tokens
+    users, items = batch["user_id"], batch["item_id"]
+    by_hand = torch.empty(len(items))
+    with torch.no_grad():
+        for user in users.unique().tolist():
+            rows = (users == user).nonzero(as_tuple=True)[0]
+            order = model.candidate_order(user, len(rows))
+            shown = items[rows][order]
+            bare = model.prompt_embeddings(None, model.history(batch, int(rows[0])), shown, tokens=(None, None, None))
+            by_hand[rows[order]] = score_continuations(model.llm, bare, [model.title_token_ids(int(i)) for i in shown])
+    assert not torch.allclose(by_hand, raw, atol=1e-3), "the soft tokens change the scores"
+    assert torch.allclose(calibrated, raw - by_hand, atol=1e-4)
+    with pytest.raises(ValueError, match="prompt_prior"):
+        _setup(shared_cache, score_calibration="prompt_prior", use_user_token=False, use_item_tokens=False,
+               stages=[])

@@ -45,7 +45,7 @@ def test_trained_from_evaluates_stored_weights_without_training(tmp_path, monkey
     (tmp_path / "settings.yaml").write_text(yaml.safe_dump(settings))
     variant = "LLM-score-token-word"
 
-    def compare(runs, *extra):
+    def compare(runs, *extra, variant=variant):
         monkeypatch.setattr(sys, "argv", ["allmrec_compare", "--dataset=ml-tiny", "--variants", variant,
                                           "--config", str(tmp_path / "settings.yaml"), "--runs", str(tmp_path / runs),
                                           "--groups", "test", *extra])
@@ -66,3 +66,11 @@ def test_trained_from_evaluates_stored_weights_without_training(tmp_path, monkey
     assert fewer["eval_users"]["test"] == 2 < trained["eval_users"]["test"]
     with pytest.raises(SystemExit, match="stage2_lr"):
         compare("other", "--trained_from", str(tmp_path / "first"), "--set", "stage2_lr=0.5")
+    # a variant of EVALUATED_FROM ranks the kept weights of another variant its own way
+    name, overrides, what = "ranked-otherwise", {**allmrec_compare.VARIANTS[variant][1], "score_calibration": "prompt_prior"}, ""
+    monkeypatch.setitem(allmrec_compare.VARIANTS, name, ("ALLMRec", overrides, what))
+    monkeypatch.setitem(allmrec_compare.EVALUATED_FROM, name, variant)
+    otherwise = compare("first", variant=name)  # the kept weights of the same runs folder
+    assert otherwise["trained_from"].endswith(f"{variant}.pth")
+    assert otherwise["epoch_losses"] == trained["epoch_losses"] and otherwise["overrides"] == overrides
+    assert otherwise["results"] != trained["results"]

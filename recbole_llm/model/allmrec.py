@@ -110,7 +110,7 @@ class ALLMRec(SequentialRecommender):
         # (stage2_curriculum_candidates), else num_candidates
         self.train_candidates = self.num_candidates
         self.score_reduction = self._choice(config, "score_reduction", BRANCH_REDUCTIONS)
-        self.score_calibration = self._choice(config, "score_calibration", ("none", "title_prior"))
+        self.score_calibration = self._choice(config, "score_calibration", ("none", "title_prior", "prompt_prior"))
         self._title_prior = None  # [n_items] log-likelihood of each title after the answer cue alone (lazy)
         self.score_batch_size = int(config["score_batch_size"])
         self.score_method = config["score_method"] or "branches"
@@ -173,6 +173,10 @@ class ALLMRec(SequentialRecommender):
             token_input = self.backbone.item_dim if self.item_source == "backbone" else latent
             self.item_proj = mlp_projector(token_input, hidden, torch.nn.GELU())
         self.candidate_score_token = bool(config["candidate_score_token"])
+        if self.score_calibration == "prompt_prior" and not (self.use_user_token or self.use_item_tokens
+                                                             or self.candidate_score_token or config["lora_args"]):
+            raise ValueError("score_calibration: prompt_prior subtracts the same prompt's scores without soft tokens "
+                             "and adapters: this model has neither, so every score would be 0")
         if self.candidate_score_token:
             self.score_token_layout = self._choice(config, "score_token_layout", ("add", "separate"))
             if self.score_token_layout == "add":
@@ -545,12 +549,13 @@ class ALLMRec(SequentialRecommender):
         negatives = self.sample_negatives(users, self.train_candidates - 1, generator, targets.unsqueeze(1).tolist())
         user_vectors = self._user_vectors(interaction) if self.needs_user_vectors else [None] * len(users)
         own = set(self._own_rows(len(users)).tolist())
-        prompts, shown = [], []
+        prompts, shown, histories = [], [], []
         for row in range(len(users)):
             candidates = torch.cat([targets[row:row + 1], negatives[row]])
             candidates = candidates[torch.randperm(len(candidates), generator=generator).to(self.device)]
             if row in own:  # every row's permutation is drawn: the generator stream of one process
-                prompts.append(self.prompt_embeddings(user_vectors[row], self.history(interaction, row), candidates))
+                histories.append(self.history(interaction, row))
+                prompts.append(self.prompt_embeddings(user_vectors[row], histories[-1], candidates))
                 shown.append((candidates, targets[row]))
         if not shown:
             self.loss_weight = 0.0
@@ -569,6 +574,8 @@ class ALLMRec(SequentialRecommender):
         scores = torch.stack([torch.stack([reduce(t) for t in row]) for row in per_token])
         if self.score_calibration == "title_prior":
             scores = scores - torch.stack([self.title_prior()[candidates] for candidates, _ in shown]).to(scores.device)
+        elif self.score_calibration == "prompt_prior":
+            scores = scores - torch.stack(self.prompt_prior(histories, [c for c, _ in shown], titles)).to(scores.device)
         position = torch.stack([(candidates == t).nonzero()[0, 0] for candidates, t in shown])
         loss = F.cross_entropy(scores, position.to(scores.device))
         self.last_losses = {"listwise": loss.item(),
@@ -592,22 +599,17 @@ class ALLMRec(SequentialRecommender):
         forward pass (``scoring.score_branches``); ``kv_cache`` runs each prompt once and its
         candidates in batches of ``score_batch_size`` over copies of its KV cache. Same scores.
         """
-        orders, prompts, targets = [], [], []
+        orders, prompts, targets, shown = [], [], [], []
         for user, vector, history, candidates in requests:
             order = self.candidate_order(user, len(candidates))
-            shown = candidates[order]
             orders.append(order)
-            prompts.append(self.prompt_embeddings(vector, history, shown))
-            targets.append([self.title_token_ids(int(i)) for i in shown])
-        if self.score_method == "kv_cache":
-            scores = [score_continuations(self.llm, prompt, target, self.score_reduction, self.score_batch_size,
-                                          pad_id=self.tokenizer.pad_token_id or 0)
-                      for prompt, target in zip(prompts, targets)]
-        else:
-            n = self.score_users_per_pass
-            scores = [score for start in range(0, len(prompts), n)
-                      for score in score_branches(self.llm, prompts[start:start + n], targets[start:start + n],
-                                                  self.score_reduction)]
+            shown.append(candidates[order])
+            prompts.append(self.prompt_embeddings(vector, history, shown[-1]))
+            targets.append([self.title_token_ids(int(i)) for i in shown[-1]])
+        scores = self._score_prompts(prompts, targets)
+        if self.score_calibration == "prompt_prior":
+            priors = self.prompt_prior([history for _, _, history, _ in requests], shown, targets)
+            scores = [score.to(self.device) - prior.to(self.device) for score, prior in zip(scores, priors)]
         out = []
         for order, score, (_, _, _, candidates) in zip(orders, scores, requests):
             aligned = torch.empty(len(order), device=self.device)
@@ -616,6 +618,34 @@ class ALLMRec(SequentialRecommender):
                 aligned -= self.title_prior()[candidates.to(self.device)]
             out.append(aligned)
         return out
+
+    def _score_prompts(self, prompts, targets):
+        """Each prompt's target titles' scores (``score_reduction``), by ``score_method``."""
+        if self.score_method == "kv_cache":
+            return [score_continuations(self.llm, prompt, target, self.score_reduction, self.score_batch_size,
+                                        pad_id=self.tokenizer.pad_token_id or 0)
+                    for prompt, target in zip(prompts, targets)]
+        n = self.score_users_per_pass
+        return [score for start in range(0, len(prompts), n)
+                for score in score_branches(self.llm, prompts[start:start + n], targets[start:start + n],
+                                            self.score_reduction)]
+
+    def _base_llm(self):
+        """Context in which ``self.llm`` runs without its LoRA adapters (nothing to do without them)."""
+        return self.llm.disable_adapter() if hasattr(self.llm, "disable_adapter") else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def prompt_prior(self, histories, shown, targets):
+        """``score_calibration: prompt_prior`` (ours): each candidate's score under the same prompt
+        (history titles, candidates in the order shown) without any soft token, from the base LLM
+        (adapters off), i.e. LLM-Only's score. Subtracted, the ranking is by what the collaborative
+        tokens (and adapters) add to each title's log-likelihood, not by what the LLM thinks of the
+        titles anyway (their length and wording decide most of a raw ranking). Costs a second
+        scoring pass; in the listwise loss it is a constant offset per candidate."""
+        prompts = [self.prompt_embeddings(None, history, candidates, tokens=(None, None, None))
+                   for history, candidates in zip(histories, shown)]
+        with self._base_llm():
+            return self._score_prompts(prompts, targets)
 
     @torch.no_grad()
     def title_prior(self, items_per_pass=64):
@@ -628,8 +658,7 @@ class ALLMRec(SequentialRecommender):
             cue = self.llm.get_input_embeddings()(torch.tensor(self._text_ids(ANSWER_CUE),
                                                                device=self.device))
             titles = [self.title_token_ids(i) for i in range(1, self.n_items)]
-            base_llm = self.llm.disable_adapter() if hasattr(self.llm, "disable_adapter") else contextlib.nullcontext()
-            with base_llm:
+            with self._base_llm():
                 parts = [score_branches(self.llm, [cue], [titles[k:k + items_per_pass]], self.score_reduction)[0]
                          for k in range(0, len(titles), items_per_pass)]
             self._title_prior = torch.cat([torch.zeros(1), *[p.cpu() for p in parts]]).to(self.device)
