@@ -46,6 +46,9 @@ LLM_ONLY = {"use_user_token": False, "use_item_tokens": False, "stages": []}
 # the score oracle's prompt: LLM-Only's prompt with the backbone's score token after each title
 SCORE_ALONE = {"use_user_token": False, "use_item_tokens": False, "candidate_score_token": True,
                "score_token_layout": "separate", "stage2_objective": "listwise", "stages": [2]}
+# trained and ranked by what the soft tokens add to each title's score (a second scoring pass, so the
+# learning curve is measured twice, not every 40 samples)
+PROMPT_PRIOR = {"score_calibration": "prompt_prior", "stage2_eval_every": 160}
 WORD_20 = {**SCORE_ALONE, "soft_token_norm": "word", "num_candidates": 20}  # the score token alone, 20 candidates
 
 # name -> (model, overrides, what it is)
@@ -84,6 +87,12 @@ VARIANTS = {
                                                      "stage2_curriculum_candidates": 5},
                                          "ALLMRec-score-token-frozen with the curriculum of LLM-score-token-word-5to20 "
                                          "(160 stage-2 samples on 5 candidates, then 20)"),
+    "ALLMRec-score-token-frozen-5to20-ppt": ("ALLMRec", {**SCORE, "score_token_layout": "separate",
+                                                         "stage2_frozen_projection_samples": 10 ** 9, "num_candidates": 20,
+                                                         "stage2_curriculum_samples": 160,
+                                                         "stage2_curriculum_candidates": 5, **PROMPT_PRIOR},
+                                             "ALLMRec-score-token-frozen-5to20 trained and ranked by what the soft tokens "
+                                             "add (prompt_prior in the listwise loss too)"),
     "LLM-score-token": ("ALLMRec", SCORE_ALONE,
                         "ablation: the score oracle's prompt, LLM-Only's prompt with the backbone's score token after "
                         "each title (no user or item soft tokens, no rescaling; only a and b train)"),
@@ -105,6 +114,10 @@ VARIANTS = {
                                                   "stage2_curriculum_candidates": 5, "score_calibration": "prompt_prior"},
                                       "LLM-score-token-word-5to20's weights ranked by what the score token adds: each "
                                       "candidate's score minus LLM-Only's (score_calibration: prompt_prior at inference)"),
+    "LLM-score-token-word-5to20-ppt": ("ALLMRec", {**WORD_20, "stage2_curriculum_samples": 160,
+                                                   "stage2_curriculum_candidates": 5, **PROMPT_PRIOR},
+                                       "LLM-score-token-word-5to20 trained and ranked by what the score token adds "
+                                       "(prompt_prior in the listwise loss too)"),
     "LLM-score-token-word-20-prior": ("ALLMRec", {**WORD_20, "score_calibration": "title_prior"},
                                       "ablation: LLM-score-token-word-20 with the title prior subtracted in the "
                                       "listwise loss and in the ranking (score_calibration)"),
