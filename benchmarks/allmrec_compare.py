@@ -216,7 +216,9 @@ def run_variant(name, dataset, settings, only_groups=None, weights=None, trained
         record["build_seconds"] = build_seconds
         if trained:
             source, path = trained
-            record.update({k: source[k] for k in TRAINING_RECORD if k in source}, trained_from=str(path))
+            # another variant's learning curve was measured with that variant's ranking, not this one's
+            copied = [k for k in TRAINING_RECORD if k in source and not (k == "learning_curve" and name in EVALUATED_FROM)]
+            record.update({k: source[k] for k in copied}, trained_from=str(path))
         else:
             curve = bool(config["stage2_eval_every"])  # validation Hit@1 along stage 2 (learning curve)
             if weights:

@@ -73,4 +73,5 @@ def test_trained_from_evaluates_stored_weights_without_training(tmp_path, monkey
     otherwise = compare("first", variant=name)  # the kept weights of the same runs folder
     assert otherwise["trained_from"].endswith(f"{variant}.pth")
     assert otherwise["epoch_losses"] == trained["epoch_losses"] and otherwise["overrides"] == overrides
+    assert "learning_curve" not in otherwise, "the source variant's curve ranks its own way"
     assert otherwise["results"] != trained["results"]
