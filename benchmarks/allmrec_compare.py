@@ -46,8 +46,9 @@ LLM_ONLY = {"use_user_token": False, "use_item_tokens": False, "stages": []}
 # the score oracle's prompt: LLM-Only's prompt with the backbone's score token after each title
 SCORE_ALONE = {"use_user_token": False, "use_item_tokens": False, "candidate_score_token": True,
                "score_token_layout": "separate", "stage2_objective": "listwise", "stages": [2]}
-# trained and ranked by what the soft tokens add to each title's score (a second scoring pass, so the
-# learning curve is measured twice, not every 40 samples)
+# trained and ranked by what the soft tokens add to each title's score. Every validation point costs a
+# second scoring pass, so the curve keeps only its point before stage 2 (stage2_eval_every counts
+# batches: 160 batches = 640 samples, past the 320-sample budget)
 PROMPT_PRIOR = {"score_calibration": "prompt_prior", "stage2_eval_every": 160}
 WORD_20 = {**SCORE_ALONE, "soft_token_norm": "word", "num_candidates": 20}  # the score token alone, 20 candidates
 
