@@ -269,10 +269,10 @@ def write_table(runs_dir, out, command, dataset):
                 if g in r["results"] else "-" for g in GROUPS]
         stages = r.get("stage_seconds", {})
         train = " / ".join(str(stages.get(s, "-")) for s in ("1", "2")) if stages else "-"
-        test = r["results"]["test"]
-        lines.append(f"| {name} | {VARIANTS[name][2]} | " + " | ".join(hits)
-                     + f" | {test['hit@5']:.3f} / {test['hit@10']:.3f} | {train} | "
-                     f"{r['eval_seconds']['test'] / r['eval_users']['test']:.2f} |")
+        test = r["results"].get("test")  # absent when only other groups were evaluated (--groups)
+        test_hits = f"{test['hit@5']:.3f} / {test['hit@10']:.3f}" if test else "-"
+        per_user = f"{r['eval_seconds']['test'] / r['eval_users']['test']:.2f}" if test else "-"
+        lines.append(f"| {name} | {VARIANTS[name][2]} | " + " | ".join(hits) + f" | {test_hits} | {train} | {per_user} |")
     users = {g: records[order[0]]["eval_users"].get(g) for g in GROUPS} if order else {}
     lines += ["", f"Evaluation users per group: {users}.", ""]
     curves = {name: records[name]["learning_curve"] for name in order if records[name].get("learning_curve")}
@@ -322,7 +322,7 @@ def main():
             weights = weights_path(runs_dir, name, settings) if trains else None
         record = run_variant(name, args.dataset, settings, args.groups, weights, trained)
         path.write_text(json.dumps(record, indent=1, default=str))
-        print(f"{name}: {record['results']['test']} -> {path}", flush=True)
+        print(f"{name}: {record['results']} -> {path}", flush=True)
     if args.table:
         write_table(runs_dir, Path(args.table), command, args.dataset)
 

@@ -30,6 +30,15 @@ def test_table_title_and_chance_row_follow_the_runs_evaluation_mode(tmp_path, mo
     assert (chance in text) if chance else ("| chance |" not in text)
 
 
+def test_table_of_groups_without_the_overall_test(tmp_path):
+    record = {"variant": "Pop", "settings": {}, "results": {"cold_items": {"hit@1": 0.1, "hit@5": 0.3, "hit@10": 0.6}},
+              "eval_users": {"cold_items": 40}, "eval_seconds": {"cold_items": 1.0}}
+    (tmp_path / "Pop.json").write_text(json.dumps(record))
+    write_table(tmp_path, tmp_path / "table.md", "python -m benchmarks.allmrec_compare", "ml-100k")
+    row = next(line for line in (tmp_path / "table.md").read_text().splitlines() if line.startswith("| Pop |"))
+    assert row.split(" | ")[2:7] == ["-", "0.100 ± 0.047", "-", "-", "-"]
+
+
 def test_trained_from_evaluates_stored_weights_without_training(tmp_path, monkeypatch):
     """A trained variant's weights are kept; --trained_from evaluates them again (here on fewer
     users) with the training record copied, and refuses a run trained with other settings."""
