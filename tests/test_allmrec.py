@@ -542,12 +542,18 @@ def test_curriculum_shows_fewer_candidates_for_its_first_samples_then_num_candid
         _setup(shared_cache, **{**settings, "stage2_curriculum_candidates": 5})
 
 
-def test_title_prior_calibration_subtracts_each_titles_score_after_the_answer_cue_alone(shared_cache):
-    _, model, _, _, test_data = _setup(shared_cache, score_calibration="title_prior")
+def _calibrated_and_raw(shared_cache, calibration):
+    """A model built with ``score_calibration: calibration``, a test batch, and its predictions
+    with and without the calibration."""
+    _, model, _, _, test_data = _setup(shared_cache, score_calibration=calibration)
     batch = next(iter(test_data))[0]
     calibrated = model.predict(batch)
     model.score_calibration = "none"
-    raw = model.predict(batch)
+    return model, batch, calibrated, model.predict(batch)
+
+
+def test_title_prior_calibration_subtracts_each_titles_score_after_the_answer_cue_alone(shared_cache):
+    model, batch, calibrated, raw = _calibrated_and_raw(shared_cache, "title_prior")
     cue = model.llm.get_input_embeddings()(torch.tensor(model._text_ids(allmrec_module.ANSWER_CUE)))
     items = batch["item_id"]
     with torch.no_grad():
@@ -557,11 +563,7 @@ def test_title_prior_calibration_subtracts_each_titles_score_after_the_answer_cu
 
 
 def test_prompt_prior_calibration_subtracts_the_same_prompts_scores_without_soft_tokens(shared_cache):
-    _, model, _, _, test_data = _setup(shared_cache, score_calibration="prompt_prior")
-    batch = next(iter(test_data))[0]
-    calibrated = model.predict(batch)
-    model.score_calibration = "none"
-    raw = model.predict(batch)
+    model, batch, calibrated, raw = _calibrated_and_raw(shared_cache, "prompt_prior")
     # by hand: each user's candidates in the order shown, scored after the prompt without soft tokens
     users, items = batch["user_id"], batch["item_id"]
     by_hand = torch.empty(len(items))
