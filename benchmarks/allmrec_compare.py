@@ -4,7 +4,8 @@ Every variant runs on the same dataset, split, scenarios (cold/warm items, cold 
 evaluation users (``eval_max_users``); the backbone checkpoint is the one ALLMRec trains and
 caches (content-keyed), so all variants share it. Before each evaluation the global seed is reset,
 so RecBole's uni19 sampler draws the same 19 negatives for every variant. Each finished variant is
-stored as JSON under ``--runs`` (skipped when run again); ``--table`` writes the markdown table.
+stored as JSON under ``--runs`` (skipped when run again, except that ``--groups`` adds the groups a
+stored run lacks, ranking its kept weights); ``--table`` writes the markdown table.
 A trained variant's weights are kept under ``<checkpoint_dir>/allmrec_compare/<runs folder name>/``, so
 ``--trained_from OTHER_RUNS`` evaluates them again (more users, other groups) without retraining, and
 the variants of ``EVALUATED_FROM`` rank another variant's kept weights another way.
@@ -296,7 +297,8 @@ def main():
     parser.add_argument("--runs", default=None, help="folder of per-variant JSON (default results/allmrec_runs/<dataset>)")
     parser.add_argument("--table", default=None, help="markdown table to write from every stored run")
     parser.add_argument("--set", nargs="*", default=[], help="key=value overrides for every variant")
-    parser.add_argument("--groups", nargs="*", default=None, help=f"evaluate only these of {GROUPS} (default all)")
+    parser.add_argument("--groups", nargs="*", default=None,
+                        help=f"evaluate only these of {GROUPS} (default all); a stored run gets those it lacks")
     parser.add_argument("--trained_from", default=None,
                         help="a --runs folder whose trained variants are evaluated here instead of training them again "
                              f"(same settings except {sorted(EVALUATION_SETTINGS)})")
@@ -311,16 +313,28 @@ def main():
     command = "nice -n 10 python -m benchmarks.allmrec_compare " + shlex.join(sys.argv[1:])  # quoted, so the command can be pasted
     for name in args.variants:
         path = runs_dir / f"{name}.json"
-        if path.exists():
-            print(f"{name}: stored in {path}, skipped")
-            continue
+        stored, groups = json.loads(path.read_text()) if path.exists() else None, args.groups
+        if stored:  # evaluated before: only groups named by --groups and missing from the run are added
+            groups = [g for g in args.groups or [] if g not in stored["results"]]
+            if not groups:
+                print(f"{name}: stored in {path}, skipped")
+                continue
+            differ = sorted(k for k in set(settings) | set(stored["settings"])
+                            if k not in ("show_progress", "torch_threads") and settings.get(k) != stored["settings"].get(k))
+            if differ:
+                raise SystemExit(f"{path} was evaluated with other settings ({differ}); use another --runs folder")
         trains = name not in ("Pop", "SASRec") and {**settings, **VARIANTS[name][1]}.get("stages", [1, 2]) != []
         if name in EVALUATED_FROM:
             trained, weights = trained_source(EVALUATED_FROM[name], settings, args.trained_from or runs_dir), None
         else:
-            trained = trained_source(name, settings, args.trained_from) if args.trained_from and trains else None
+            source = args.trained_from or (runs_dir if stored else None)  # a stored run ranks its kept weights
+            trained = trained_source(name, settings, source) if source and trains else None
             weights = weights_path(runs_dir, name, settings) if trains else None
-        record = run_variant(name, args.dataset, settings, args.groups, weights, trained)
+        record = run_variant(name, args.dataset, settings, groups, weights, trained)
+        if stored:
+            for key in ("results", "eval_seconds", "eval_users"):
+                stored[key].update(record[key])
+            record = stored
         path.write_text(json.dumps(record, indent=1, default=str))
         print(f"{name}: {record['results']} -> {path}", flush=True)
     if args.table:

@@ -50,14 +50,15 @@ def test_trained_from_evaluates_stored_weights_without_training(tmp_path, monkey
     from conftest import ML_TINY_YAML, TINY_ALLMREC, tiny_config
     from recbole_llm.trainer.allmrec import ALLMRecTrainer
 
-    settings = {**yaml.safe_load(open(ML_TINY_YAML)), **tiny_config(**TINY_ALLMREC, cache_dir=str(tmp_path / "cache"))}
+    settings = {**yaml.safe_load(open(ML_TINY_YAML)), **tiny_config(**TINY_ALLMREC, cache_dir=str(tmp_path / "cache")),
+                "eval_item_groups": {"cold_items": [0.0, 0.35], "warm_items": [0.65, 1.0]}}
     (tmp_path / "settings.yaml").write_text(yaml.safe_dump(settings))
     variant = "LLM-score-token-word"
 
-    def compare(runs, *extra, variant=variant):
+    def compare(runs, *extra, variant=variant, groups=("test",)):
         monkeypatch.setattr(sys, "argv", ["allmrec_compare", "--dataset=ml-tiny", "--variants", variant,
                                           "--config", str(tmp_path / "settings.yaml"), "--runs", str(tmp_path / runs),
-                                          "--groups", "test", *extra])
+                                          "--groups", *groups, *extra])
         allmrec_compare.main()
         return json.loads((tmp_path / runs / f"{variant}.json").read_text())
 
@@ -71,6 +72,11 @@ def test_trained_from_evaluates_stored_weights_without_training(tmp_path, monkey
     assert again["trained_from"].endswith(f"{variant}.pth") and "trained_from" not in trained
     assert again["epoch_losses"] == trained["epoch_losses"]
     assert again["results"] == trained["results"]  # the same weights, users and negatives
+    # a stored run asked for a group it lacks ranks its kept weights on that group only
+    grown = compare("again", "--trained_from", str(tmp_path / "first"), groups=("test", "warm_items"))
+    assert set(grown["results"]) == {"test", "warm_items"} and grown["results"]["test"] == again["results"]["test"]
+    assert grown["eval_users"]["warm_items"] > 0 and grown["epoch_losses"] == trained["epoch_losses"]
+    assert compare("again", "--trained_from", str(tmp_path / "first"), groups=("warm_items",)) == grown  # nothing left to add
     fewer = compare("fewer", "--trained_from", str(tmp_path / "first"), "--set", "eval_max_users=2")
     assert fewer["eval_users"]["test"] == 2 < trained["eval_users"]["test"]
     with pytest.raises(SystemExit, match="stage2_lr"):
