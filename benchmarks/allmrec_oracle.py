@@ -18,7 +18,9 @@ All train with the listwise loss (softmax over the candidates' title log-likelih
 against steps (a learning curve); ``--eval_on valid`` scores those users' validation items instead,
 which the backbone never trained on. The prompt is ALLMRec's own (``ALLMRec.prompt_embeddings`` with
 the oracle's tokens in place of the soft tokens); ``item_token_position`` puts each token after
-(the paper) or before its title. Each run is stored as JSON under ``--runs`` (skipped when it
+(the paper) or before its title; ``--set score_calibration=prompt_prior`` ranks and trains by each
+title's log-likelihood minus its log-likelihood under the same prompt without soft tokens (the
+model's option; not for ``marker``, whose model has no soft tokens of its own). Each run is stored as JSON under ``--runs`` (skipped when it
 exists); ``--table`` writes the markdown table from every stored run.
 
     python -m benchmarks.allmrec_oracle --oracle marker --position after --table results/allmrec_oracle.md
@@ -42,7 +44,7 @@ from recbole_llm.quick_start import build_model, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"num_candidates": 5, "history_len": 3, "torch_threads": 2, "show_progress": False,
-            "eval_item_groups": None, "cold_user_args": None}
+            "eval_item_groups": None, "cold_user_args": None, "score_reduction": "sum", "score_calibration": "none"}
 
 
 def last_transitions(train_data, model):
@@ -125,12 +127,16 @@ def candidate_sets(model, sample, generator):
 
 def scores(model, oracle, sample, rows, candidates, marked):
     """Title log-likelihood scores ``[len(rows), num_candidates]`` (with gradients)."""
-    prompts = [model.prompt_embeddings(None, model.history(sample, row), candidates[k],
+    histories = [model.history(sample, row) for row in rows]
+    prompts = [model.prompt_embeddings(None, history, candidates[k],
                                        tokens=oracle.tokens(model, sample, row, marked[k], candidates[k]))
-               for k, row in enumerate(rows)]
+               for k, (row, history) in enumerate(zip(rows, histories))]
     titles = [[model.title_token_ids(int(i)) for i in c] for c in candidates]
     per_token = branch_log_likelihoods(model.llm, prompts, titles)
-    return torch.stack([torch.stack([t.sum() for t in row]) for row in per_token])
+    summed = torch.stack([torch.stack([t.sum() for t in row]) for row in per_token])
+    if model.score_calibration == "prompt_prior":  # rank by what the oracle's tokens add, as ``predict`` would
+        return summed - torch.stack(model.prompt_prior(histories, candidates, titles))
+    return summed
 
 
 @torch.no_grad()
