@@ -54,7 +54,7 @@ def last_transitions(train_data, model):
     for row, user in enumerate(feat[model.USER_ID].tolist()):
         last[user] = row
     rows = torch.tensor(sorted(last.values()))
-    return feat[rows]
+    return feat[rows].to(model.device)
 
 
 class MarkerTokens(torch.nn.Module):
@@ -74,7 +74,7 @@ class MatchingTokens(torch.nn.Module):
 
     def __init__(self, model):
         super().__init__()
-        table = model.backbone.item_embeddings(torch.arange(1, model.n_items)).detach()
+        table = model.backbone.item_embeddings(torch.arange(1, model.n_items, device=model.device)).detach()
         self.mean, self.std = table.mean(0), table.std(0).clamp(min=1e-6)
         hidden = model.llm.config.hidden_size
         self.user_proj = mlp_projector(table.shape[1], hidden, torch.nn.LeakyReLU())
@@ -171,7 +171,7 @@ def run(args, overrides):
     init_seed(config["seed"], config["reproducibility"])
     dataset, train_data, valid_data, _ = prepare(config)
     model = build_model(config, train_data).eval()
-    oracle = ORACLES[args.oracle](model)
+    oracle = ORACLES[args.oracle](model).to(model.device)
     sample = last_transitions(train_data, model)
     generator = torch.Generator().manual_seed(int(config["seed"]))
     order = torch.randperm(len(sample), generator=generator)
@@ -180,7 +180,7 @@ def run(args, overrides):
     if args.eval_on == "valid":  # the same users' next (validation) item: a target the backbone never trained on
         users = set(eval_sample[model.USER_ID].tolist())
         feat = valid_data._dataset.inter_feat
-        eval_sample = feat[torch.tensor([r for r, u in enumerate(feat[model.USER_ID].tolist()) if u in users])]
+        eval_sample = feat[torch.tensor([r for r, u in enumerate(feat[model.USER_ID].tolist()) if u in users])].to(model.device)
     eval_candidates = candidate_sets(model, eval_sample, generator)
     reference = None
     if args.oracle == "score":  # what the backbone's own ranking of these candidates reaches

@@ -42,14 +42,21 @@ def is_main(config):
 
 
 def uses_cpu_backend(config):
-    return not torch.cuda.is_available() or len(str(config["gpu_id"] or "")) == 0
+    gpu_id = config["gpu_id"]  # may arrive as the int 0 from yaml or --gpu_id=0: that is GPU 0
+    return not torch.cuda.is_available() or gpu_id is None or str(gpu_id).strip() == ""
 
 
 def init_device(config):
     """Join the gloo process group for a CPU run started with ``local_rank``; ``True`` if done
     here (RecBole's NCCL code handles GPU runs)."""
     values = config.final_config_dict
-    if "local_rank" not in values or not uses_cpu_backend(values):
+    if "local_rank" not in values:
+        return False
+    if not uses_cpu_backend(values):
+        gpus = str(values["gpu_id"]).split(",")
+        if int(values.get("nproc") or 1) > len(gpus):  # RecBole would stop on a bare assert
+            raise ValueError(f"nproc={values['nproc']} processes need one GPU each, gpu_id={values['gpu_id']!r} "
+                             "names fewer: name more GPUs, or set gpu_id='' to run the processes on the CPU")
         return False
     rank = int(values["local_rank"]) + int(values.get("offset") or 0)
     if not dist.is_initialized():

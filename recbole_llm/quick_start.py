@@ -115,9 +115,11 @@ def instantiate(config, dataset):
 
 
 def load_model(model_file, dataset):
-    """The model of a saved checkpoint, rebuilt from the checkpoint's own config for ``dataset``."""
+    """The model of a saved checkpoint, rebuilt from the checkpoint's own config for ``dataset``, on
+    ``dataset``'s run's device (a checkpoint trained on a GPU loads on a CPU machine and back)."""
     checkpoint = load_checkpoint(model_file)
     config = checkpoint["config"]
+    config["device"] = dataset.config["device"]
     return load_into_model(instantiate(config, dataset), checkpoint)
 
 

@@ -139,7 +139,7 @@ def test_position_only_scorer_gets_chance_hit_at_1(shared_cache, monkeypatch):
 
 def test_choice_scores_sum_to_one_per_user_and_need_the_branch_scorer(shared_cache):
     _, model, _, _, test_data = _setup(shared_cache, score_reduction="choice")
-    batch = next(iter(test_data))[0]
+    batch = next(iter(test_data))[0].to(model.device)
     scores = model.predict(batch)
     checked = 0
     for user in batch["user_id"].unique():
@@ -155,7 +155,7 @@ def test_choice_scores_sum_to_one_per_user_and_need_the_branch_scorer(shared_cac
 
 def test_score_methods_agree_inside_the_model(shared_cache):
     config, model, _, _, test_data = _setup(shared_cache)
-    batch = next(iter(test_data))[0]
+    batch = next(iter(test_data))[0].to(model.device)
     branches = model.predict(batch)
     model.score_method, model.score_users_per_pass = "branches", 3
     assert torch.allclose(model.predict(batch), branches, atol=1e-4)
@@ -168,7 +168,7 @@ def test_listwise_stage2_loss_equals_a_hand_computation(shared_cache, calibratio
     config, model, _, train_data, _ = _setup(shared_cache, stage2_objective="listwise", num_candidates=4,
                                              score_calibration=calibration)
     model.stage = 2
-    batch = train_data._dataset.inter_feat[torch.arange(3)]
+    batch = train_data._dataset.inter_feat[torch.arange(3)].to(model.device)
     loss = model.calculate_loss(batch, torch.Generator().manual_seed(5))
     loss.backward()
     assert model.item_proj[0].weight.grad.abs().sum() > 0 and model.user_proj[0].weight.grad.abs().sum() > 0
@@ -186,7 +186,7 @@ def test_listwise_stage2_loss_equals_a_hand_computation(shared_cache, calibratio
             prompt = model.prompt_embeddings(vectors[row], model.history(batch, row), candidates)
             scores = score_continuations(model.llm, prompt, [model.title_token_ids(int(i)) for i in candidates])
             if calibration == "title_prior":  # each title's score after the answer cue alone
-                cue = model.llm.get_input_embeddings()(torch.tensor(model._text_ids(allmrec_module.ANSWER_CUE)))
+                cue = model.llm.get_input_embeddings()(torch.tensor(model._text_ids(allmrec_module.ANSWER_CUE), device=model.device))
                 scores = scores - score_continuations(model.llm, cue, [model.title_token_ids(int(i)) for i in candidates])
             if calibration == "prompt_prior":  # the same prompt without soft tokens
                 bare = model.prompt_embeddings(None, model.history(batch, row), candidates, tokens=(None, None, None))
@@ -202,7 +202,7 @@ def test_checkpoint_holds_only_trainable_weights_and_round_trips(shared_cache):
     state = load_checkpoint(trainer.saved_model_file)["state_dict"]
     assert not any(k.startswith(("llm.", "backbone.")) for k in state)
     assert any(k.startswith("user_proj.") for k in state) and any(k.startswith("item_encoder.") for k in state)
-    batch = next(iter(test_data))[0]
+    batch = next(iter(test_data))[0].to(model.device)
     before = model.predict(batch)
     _, fresh, fresh_trainer, _, _ = _setup(shared_cache, stage1_epochs=1, stage2_lr=0.05)
     assert not torch.allclose(fresh.predict(batch), before)
@@ -275,37 +275,37 @@ def test_general_backbone_gives_user_token(shared_cache):
     trainer.fit(train_data, valid_data, saved=True)
     _, model, _, _, test_data = _setup(shared_cache, backbone_checkpoint=trainer.saved_model_file)
     assert not model.backbone.sequential
-    scores = model.predict(next(iter(test_data))[0])
+    scores = model.predict(next(iter(test_data))[0].to(model.device))
     assert torch.isfinite(scores).all()
 
 
 def test_tallrec_trains_lora_weights_only(shared_cache):
     config, model, trainer, train_data, test_data = _setup(shared_cache, model="TALLRec", stage2_max_samples=2)
     assert model.backbone is None and trainer.stages == [2]
-    lora_before = {k: v.clone() for k, v in model.state_dict().items() if "lora_B" in k}
+    lora_before = {k: v.cpu().clone() for k, v in model.state_dict().items() if "lora_B" in k}  # checkpoints load on the CPU
     assert lora_before
     trainer.fit(train_data, saved=True)
     state = load_checkpoint(trainer.saved_model_file)["state_dict"]
     assert all("lora_" in k for k in state if k.startswith("llm."))
     assert any(not torch.equal(state[k], v) for k, v in lora_before.items())
-    assert torch.isfinite(model.predict(next(iter(test_data))[0])).all()
+    assert torch.isfinite(model.predict(next(iter(test_data))[0].to(model.device))).all()
 
 
 def test_conditioning_options_do_what_they_claim(shared_cache):
     _, model, _, _, test_data = _setup(shared_cache, soft_token_norm="word", latent_norm="standardise",
                                        item_embedding_source="text")
-    batch = next(iter(test_data))[0]
+    batch = next(iter(test_data))[0].to(model.device)
     history, candidates = model.history(batch, 0), batch["item_id"][:5]
     vector = model._user_vectors(batch)[0]
     with torch.no_grad():
         user, history_tokens, candidate_tokens = model.soft_tokens(vector, history, candidates)
         # every soft token has the mean norm of the LLM's word embeddings
         for tokens in (user.unsqueeze(0), history_tokens, candidate_tokens):
-            torch.testing.assert_close(tokens.norm(dim=-1), torch.full((len(tokens),), model.word_norm), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(tokens.norm(dim=-1), torch.full((len(tokens),), model.word_norm, device=tokens.device), rtol=1e-4, atol=1e-4)
         # standardised latents: mean 0 and std 1 per dimension over all items
-        latents = model.joint_item_embeddings(torch.arange(1, model.n_items))
-        torch.testing.assert_close(latents.mean(0), torch.zeros(latents.shape[1]), atol=1e-4, rtol=0)
-        torch.testing.assert_close(latents.std(0), torch.ones(latents.shape[1]), atol=1e-4, rtol=0)
+        latents = model.joint_item_embeddings(torch.arange(1, model.n_items, device=model.device))
+        torch.testing.assert_close(latents.mean(0), torch.zeros_like(latents[0]), atol=1e-4, rtol=0)
+        torch.testing.assert_close(latents.std(0), torch.ones_like(latents[0]), atol=1e-4, rtol=0)
     _, plain, _, _, _ = _setup(shared_cache, item_embedding_source="text")
     with torch.no_grad():
         raw = plain.joint_item_embeddings(torch.arange(1, plain.n_items))
@@ -330,16 +330,16 @@ def test_cold_items_use_their_backbone_embedding_in_training_with_inference_text
 @pytest.mark.parametrize("position", ["after", "before"])
 def test_item_token_position(shared_cache, position):
     _, model, _, _, test_data = _setup(shared_cache, item_token_position=position, use_user_token=False)
-    batch = next(iter(test_data))[0]
+    batch = next(iter(test_data))[0].to(model.device)
     history, candidates = model.history(batch, 0), batch["item_id"][:3]
     hidden = model.llm.config.hidden_size
-    marks = torch.arange(1, 4).float().unsqueeze(1).repeat(1, hidden) * 1000  # unmistakable rows
+    marks = torch.arange(1, 4, device=model.device).float().unsqueeze(1).repeat(1, hidden) * 1000  # unmistakable rows
     with torch.no_grad():
         prompt = model.prompt_embeddings(None, history, candidates, tokens=(None, None, marks))
         embed = model.llm.get_input_embeddings()
         for k, item in enumerate(candidates.tolist()):
             row = int((prompt[:, 0] == marks[k, 0]).nonzero()[0, 0])
-            title = embed(torch.tensor(model._text_ids(f' "{model.titles[item]}"')))
+            title = embed(torch.tensor(model._text_ids(f' "{model.titles[item]}"'), device=model.device))
             if position == "before":
                 torch.testing.assert_close(prompt[row + 1], title[0])
             else:
@@ -349,7 +349,7 @@ def test_item_token_position(shared_cache, position):
 def test_mlp_llm_feeds_backbone_embeddings_to_the_item_projection_and_trains_stage_2_only(shared_cache):
     config, model, trainer, train_data, _ = _setup(shared_cache, item_embedding_source="backbone", stages=[2])
     assert model.item_proj[0].in_features == model.backbone.item_dim
-    items = torch.arange(1, 6)
+    items = torch.arange(1, 6, device=model.device)
     torch.testing.assert_close(model.joint_item_embeddings(items), model.backbone.item_embeddings(items))
     before = model.item_encoder[0].weight.clone()
     trainer.fit(train_data, saved=False)
@@ -360,14 +360,14 @@ def test_mlp_llm_feeds_backbone_embeddings_to_the_item_projection_and_trains_sta
 def test_generate_answers_a_question_about_the_user_with_the_soft_tokens_in_the_prompt(shared_cache):
     _, model, _, _, test_data = _setup(shared_cache)
     model.eval()
-    batch = next(iter(test_data))[0][torch.arange(2)]
+    batch = next(iter(test_data))[0][torch.arange(2)].to(model.device)
     answers = model.generate(batch, "Which genres does this user like?", max_new_tokens=5)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
     assert answers == model.generate(batch, "Which genres does this user like?", max_new_tokens=5)  # greedy
     prompt = model.prompt_embeddings(model._user_vectors(batch)[0], model.history(batch, 0), batch["item_id"][:0],
                                      question="Which genres does this user like?")
     question_ids = model._text_ids(" in the previous. Which genres does this user like?")
-    torch.testing.assert_close(prompt[-len(question_ids):], model.llm.get_input_embeddings()(torch.tensor(question_ids)))
+    torch.testing.assert_close(prompt[-len(question_ids):], model.llm.get_input_embeddings()(torch.tensor(question_ids, device=model.device)))
     # the control: the same prompt without any soft token (what LLM-Only answers)
     prompts, generate = [], model.llm.generate
     model.llm.generate = lambda **kwargs: prompts.append(kwargs["inputs_embeds"][0]) or generate(**kwargs)
@@ -386,7 +386,7 @@ def test_interrupted_stage_two_resumes_to_the_same_model(shared_cache):
     settings = dict(stage1_epochs=1, stage2_epochs=2, stage2_lr=0.05)
     _, model, trainer, train_data, test_data = _setup(shared_cache, **settings)
     trainer.fit(train_data, saved=True)
-    batch = next(iter(test_data))[0]
+    batch = next(iter(test_data))[0].to(model.device)
     uninterrupted = model.predict(batch)
 
     _, _, killed, _, _ = _setup(shared_cache, **settings)
@@ -425,7 +425,7 @@ def test_stage_two_learning_curve_leaves_the_training_untouched(shared_cache):
 def test_candidate_score_token_carries_the_backbones_ranking(shared_cache):
     _, model, trainer, train_data, test_data = _setup(shared_cache, candidate_score_token=True, use_user_token=False,
                                                       stage2_objective="listwise", stage1_epochs=1)
-    batch = next(iter(test_data))[0]
+    batch = next(iter(test_data))[0].to(model.device)
     history, candidates = model.history(batch, 0), batch["item_id"][:5]
     vector = model._user_vectors(batch)[0]
     z = model.candidate_scores(vector, candidates)
@@ -448,7 +448,7 @@ def test_score_token_alone_follows_each_title_without_soft_item_tokens(shared_ca
                                                       score_token_layout="separate", **settings)
     _, plain, *_ = _setup(shared_cache, **settings)
     assert plain.backbone is None and model.backbone is not None, "the score token alone needs the backbone"
-    batch = next(iter(test_data))[0]
+    batch = next(iter(test_data))[0].to(model.device)
     history, candidates = model.history(batch, 0), batch["item_id"][:5]
     vector = model._user_vectors(batch)[0]
     z = model.candidate_scores(vector, candidates)
@@ -471,7 +471,7 @@ def test_separate_score_token_follows_each_candidates_item_token(shared_cache):
     _, model, trainer, train_data, test_data = _setup(shared_cache, candidate_score_token=True, use_user_token=False,
                                                       score_token_layout="separate", stage2_objective="listwise",
                                                       stage1_epochs=1)
-    batch = next(iter(test_data))[0]
+    batch = next(iter(test_data))[0].to(model.device)
     history, candidates = model.history(batch, 0), batch["item_id"][:5]
     vector = model._user_vectors(batch)[0]
     z = model.candidate_scores(vector, candidates)
@@ -485,7 +485,7 @@ def test_separate_score_token_follows_each_candidates_item_token(shared_cache):
         assert 0.5 < model.score_proj.offset.norm() / word_norm < 2
         prompt = model.prompt_embeddings(vector, history, candidates)
     model.score_token_layout = "add"
-    model.score_proj_separate, model.score_proj = model.score_proj, torch.nn.Linear(1, words.shape[1])
+    model.score_proj_separate, model.score_proj = model.score_proj, torch.nn.Linear(1, words.shape[1]).to(model.device)
     with torch.no_grad():
         assert len(prompt) == len(model.prompt_embeddings(vector, history, candidates)) + len(candidates)
     model.score_token_layout, model.score_proj = "separate", model.score_proj_separate
@@ -546,7 +546,7 @@ def _calibrated_and_raw(shared_cache, calibration):
     """A model built with ``score_calibration: calibration``, a test batch, and its predictions
     with and without the calibration."""
     _, model, _, _, test_data = _setup(shared_cache, score_calibration=calibration)
-    batch = next(iter(test_data))[0]
+    batch = next(iter(test_data))[0].to(model.device)
     calibrated = model.predict(batch)
     model.score_calibration = "none"
     return model, batch, calibrated, model.predict(batch)
@@ -554,7 +554,7 @@ def _calibrated_and_raw(shared_cache, calibration):
 
 def test_title_prior_calibration_subtracts_each_titles_score_after_the_answer_cue_alone(shared_cache):
     model, batch, calibrated, raw = _calibrated_and_raw(shared_cache, "title_prior")
-    cue = model.llm.get_input_embeddings()(torch.tensor(model._text_ids(allmrec_module.ANSWER_CUE)))
+    cue = model.llm.get_input_embeddings()(torch.tensor(model._text_ids(allmrec_module.ANSWER_CUE), device=model.device))
     items = batch["item_id"]
     with torch.no_grad():
         by_hand = score_continuations(model.llm, cue, [model.title_token_ids(int(i)) for i in items])
@@ -566,7 +566,7 @@ def test_prompt_prior_calibration_subtracts_the_same_prompts_scores_without_soft
     model, batch, calibrated, raw = _calibrated_and_raw(shared_cache, "prompt_prior")
     # by hand: each user's candidates in the order shown, scored after the prompt without soft tokens
     users, items = batch["user_id"], batch["item_id"]
-    by_hand = torch.empty(len(items))
+    by_hand = torch.empty(len(items), device=model.device)
     with torch.no_grad():
         for user in users.unique().tolist():
             rows = (users == user).nonzero(as_tuple=True)[0]

@@ -17,7 +17,7 @@ def test_matching_oracle_with_prompt_prior_ranks_by_what_its_tokens_add(tmp_path
     config = Config(model="ALLMRec", config_file_list=[ML_TINY_YAML], config_dict=tiny_config(**settings))
     _, train_data, _, _ = prepare(config)
     model = build_model(config, train_data).eval()
-    oracle, sample = MatchingTokens(model), last_transitions(train_data, model)[torch.arange(3)]
+    oracle, sample = MatchingTokens(model).to(model.device), last_transitions(train_data, model)[torch.arange(3)]
     candidates = candidate_sets(model, sample, torch.Generator().manual_seed(0))
     targets = list(sample[model.ITEM_ID])
     with torch.no_grad():

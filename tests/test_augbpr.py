@@ -25,7 +25,7 @@ def _built(**overrides):
     config = Config(config_file_list=[ML_TINY_YAML], config_dict=_augbpr_config(**overrides))
     dataset = create_dataset(config)
     train, valid, test = data_preparation(config, dataset)
-    model = get_model("AugBPR")(config, train._dataset)
+    model = get_model("AugBPR")(config, train._dataset).to(config["device"])
     return config, dataset, (train, valid, test), model
 
 
@@ -53,8 +53,8 @@ def test_model_type_and_defaults_follow_the_base_model():
 
 def test_aux_loss_reaches_the_base_models_cold_item_embeddings():
     _, dataset, _, model = _built(base_model="BPR")
-    cold = dataset.eval_groups["cold_start_items"][1]
     pairs = model.aug_pairs
+    cold = dataset.eval_groups["cold_start_items"][1].to(pairs.device)
     assert len(pairs) > 0 and cold[pairs[:, 1:]].all()
     model.aug_loss(pairs).backward()
     grad = model.base.item_embedding.weight.grad
@@ -78,7 +78,7 @@ def test_pointwise_base_models_are_compared_on_logits_not_probabilities():
 
 def test_aux_loss_is_added_to_the_base_loss_for_a_sequential_model():
     config, _, (train, _, _), model = _built(base_model="SASRec", **SASREC)
-    batch = next(iter(train))
+    batch = next(iter(train)).to(config["device"])
     losses = model.calculate_loss(batch)
     assert isinstance(losses, tuple) and len(losses) == 2 and all(torch.isfinite(loss) for loss in losses)
     model.aug_weight = 0.0
@@ -235,7 +235,7 @@ def test_warm_pairs_are_unseen_warm_items_for_each_judged_user_and_cold_item():
 
 def test_cold_items_are_also_judged_against_warm_items_when_asked():
     _, dataset, _, model = _built(base_model="BPR", judge="embedding", aug_warm_pairs_per_user=1)
-    cold = dataset.eval_groups["cold_start_items"][1]
+    cold = dataset.eval_groups["cold_start_items"][1].to(model.aug_pairs.device)
     both_cold = cold[model.aug_pairs[:, 1]] & cold[model.aug_pairs[:, 2]]
     one_warm = cold[model.aug_pairs[:, 1]] ^ cold[model.aug_pairs[:, 2]]
     assert both_cold.any() and one_warm.any() and (both_cold | one_warm).all()
@@ -320,12 +320,12 @@ def test_soft_labels_weight_the_aux_loss_by_the_judges_probability():
     _, _, _, model = _built(base_model="BPR", judge="embedding", aug_weight=0.5, aug_label="soft")
     assert len(model.aug_targets) == len(model.aug_pairs) > 0
     assert ((model.aug_targets > 0.5) & (model.aug_targets <= 1)).all()
-    pairs, targets = model.aug_pairs[:4], torch.tensor([1.0, 0.5, 0.75, 0.0])
+    pairs, targets = model.aug_pairs[:4], torch.tensor([1.0, 0.5, 0.75, 0.0], device=model.aug_pairs.device)
     users, pos, neg = pairs.T
     margin = model.pair_scores(users, pos) - model.pair_scores(users, neg)
     by_hand = -(targets * F.logsigmoid(margin) + (1 - targets) * F.logsigmoid(-margin)).mean()
     assert model.aug_loss(pairs, targets).item() == pytest.approx(by_hand.item(), rel=1e-5)
-    assert model.aug_loss(pairs, torch.ones(4)).item() == pytest.approx(model.aug_loss(pairs).item(), rel=1e-5)
+    assert model.aug_loss(pairs, torch.ones(4, device=pairs.device)).item() == pytest.approx(model.aug_loss(pairs).item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("judge", ["llm_pointwise", "random"])

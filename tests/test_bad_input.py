@@ -121,7 +121,7 @@ def test_histories_shorter_than_history_len_use_the_items_there_are():
                      torch_threads=1, num_candidates=3)
     _, train_data, _, test_data = prepare(config)
     model = build_model(config, train_data)
-    batch = next(iter(test_data))[0]
+    batch = next(iter(test_data))[0].to(model.device)
     lengths = batch[model.ITEM_SEQ_LEN]
     row = int(lengths.argmin())
     assert int(lengths[row]) < 50

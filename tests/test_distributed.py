@@ -14,7 +14,7 @@ from recbole_llm.quick_start import run_recbole_llm
 def _run(settings, nproc):
     """``(result, the checkpoint this run wrote)``."""
     before = set(Path("saved").glob("*.pth"))
-    result = run_recbole_llm(config_file_list=[ML_TINY_YAML], config_dict=tiny_config(**settings), nproc=nproc)
+    result = run_recbole_llm(config_file_list=[ML_TINY_YAML], config_dict=tiny_config(gpu_id="", **settings), nproc=nproc)
     written = set(Path("saved").glob("*.pth")) - before
     assert len(written) == 1, f"expected one checkpoint from the {nproc}-process run, found {sorted(written)}"
     return result, written.pop()
@@ -68,3 +68,12 @@ def test_two_processes_split_the_judging_and_agree_on_every_judgement():
     two_file = Path("saved/cache-two/judgements") / one_file.name
     assert torch.equal(torch.load(one_file), torch.load(two_file)), "the same judgements, assembled from two ranks"
     assert not list(Path("saved/cache-two").rglob("*.parts/*.pt")), "the parts are replaced by the whole"
+
+
+def test_more_processes_than_gpus_are_refused_by_name(monkeypatch):
+    from recbole_llm.config import Config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a one-GPU machine
+    with pytest.raises(ValueError, match="nproc=2 processes need one GPU each, gpu_id=0 names fewer"):
+        Config(model="BPR", config_file_list=[ML_TINY_YAML], command_line=False,
+               config_dict=tiny_config(gpu_id=0, nproc=2, local_rank=0, world_size=2, ip="localhost", port=1))

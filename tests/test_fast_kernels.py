@@ -33,7 +33,7 @@ def test_fast_kernels_give_recbole_scores_in_eval_mode():
     changed = use_fast_kernels(fast)
     assert changed["gelu"] == 2 and changed["dropout"] >= 7
     assert use_fast_kernels(fast) == {"gelu": 0, "dropout": 0}  # idempotent
-    batch = next(iter(train_data))
+    batch = next(iter(train_data)).to(plain.device)
     plain.eval(), fast.eval()
     with torch.no_grad():
         expected = plain.full_sort_predict(batch)

@@ -163,7 +163,7 @@ def test_killed_allmrec_stage_two_resumes_from_its_checkpoint_to_the_same_model(
                               "stage2_lr": 0.05})
     model, trainer, train_data, test_data = _allmrec_run(settings)  # also trains the backbone the child reuses
     trainer.fit(train_data, saved=True)
-    batch = next(iter(test_data))[0]
+    batch = next(iter(test_data))[0].to(model.device)
     uninterrupted = model.predict(batch)
 
     name = tmp_path / "checkpoint_name"

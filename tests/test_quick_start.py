@@ -51,10 +51,10 @@ def test_resume_checkpoint_restores_training_state():
     config = Config(model="BPR", config_file_list=[ML_TINY_YAML], config_dict=tiny_config(epochs=1))
     dataset = create_dataset(config)
     train, valid, _ = data_preparation(config, dataset)
-    model = get_model("BPR")(config, train._dataset)
+    model = get_model("BPR")(config, train._dataset).to(config["device"])
     trainer = get_trainer(config["MODEL_TYPE"], "BPR")(config, model)
     trainer.fit(train, valid, saved=True, show_progress=False)
-    resumed = get_trainer(config["MODEL_TYPE"], "BPR")(config, get_model("BPR")(config, train._dataset))
+    resumed = get_trainer(config["MODEL_TYPE"], "BPR")(config, get_model("BPR")(config, train._dataset).to(config["device"]))
     resumed.resume_checkpoint(trainer.saved_model_file)
     assert resumed.start_epoch == 1
     assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), trainer.model.parameters()))
@@ -146,3 +146,20 @@ def test_unknown_control_is_named():
     _, train_data, _, _ = prepare(config)
     with pytest.raises(ValueError, match="unknown control 'Popp'"):
         control_trainers(config, train_data)
+
+
+def test_a_checkpoint_written_on_another_device_loads_on_this_runs_device():
+    """A backbone trained on a GPU machine must load on a CPU one (its pickled config names cuda)."""
+    from recbole_llm.quick_start import load_model
+    from recbole_llm.utils import create_dataset, data_preparation, get_model, get_trainer
+
+    config = Config(model="BPR", config_file_list=[ML_TINY_YAML], config_dict=tiny_config(epochs=1))
+    train, valid, _ = data_preparation(config, create_dataset(config))
+    trainer = get_trainer(config["MODEL_TYPE"], "BPR")(config, get_model("BPR")(config, train._dataset).to(config["device"]))
+    trainer.fit(train, valid, saved=True, show_progress=False)
+    checkpoint = torch.load(trainer.saved_model_file, weights_only=False)
+    checkpoint["config"]["device"] = torch.device("cuda", 7)  # a GPU this machine does not have
+    torch.save(checkpoint, trainer.saved_model_file)
+    model = load_model(trainer.saved_model_file, train._dataset)
+    assert {p.device for p in model.parameters()} == {torch.device(config["device"])}
+    assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(model.parameters(), trainer.model.parameters()))

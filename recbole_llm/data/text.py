@@ -199,6 +199,6 @@ class TextSideInformation:
             getLogger().warning(
                 f"{len(fallen_back)} {kind}(s) of {self.config['dataset']}.{kind} have no text under {template_key} "
                 f"(empty, whitespace only or absent from the file), e.g. {kind} "
-                f"{[id2token[i] for i in fallen_back[:5]]}; they get text_fallback {fallback!r}")
+                f"{[str(id2token[i]) for i in fallen_back[:5]]}; they get text_fallback {fallback!r}")
         return texts
 

@@ -85,7 +85,8 @@ def load_backbone(config, dataset):
     checkpoint = load_checkpoint(path)
     bconf = checkpoint["config"]
     check_same_data(config, bconf, path)
-    model = get_model(bconf["model"])(bconf, dataset)
+    bconf["device"] = config["device"]  # this run's device, wherever the backbone was trained
+    model = get_model(bconf["model"])(bconf, dataset).to(config["device"])
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:
