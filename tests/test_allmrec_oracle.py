@@ -7,12 +7,14 @@ from recbole_llm.config import Config
 from recbole_llm.quick_start import build_model, prepare
 
 
-class NoTokens(torch.nn.Module):
+class NoTokens:
+    """The oracle prompt without any soft token."""
+
     def tokens(self, model, sample, row, marked_item, candidates):
         return None, None, None
 
 
-def test_matching_oracle_with_prompt_prior_ranks_by_what_its_tokens_add(tmp_path):
+def test_matching_oracle_with_prompt_prior_ranks_by_what_its_tokens_add():
     settings = {**TINY_ALLMREC, "backbone_args": TINY_SASREC, "num_candidates": 4, "stages": []}
     config = Config(model="ALLMRec", config_file_list=[ML_TINY_YAML], config_dict=tiny_config(**settings))
     _, train_data, _, _ = prepare(config)
