@@ -149,6 +149,11 @@ def weights_path(runs_dir, name, settings):
     return Path(settings.get("checkpoint_dir") or "saved") / "allmrec_compare" / Path(runs_dir).resolve().name / f"{name}.pth"
 
 
+def differing_settings(settings, stored, ignored):
+    """Keys (outside ``ignored``) whose values differ between ``settings`` and a stored run's."""
+    return sorted(k for k in set(settings) | set(stored) if k not in ignored and settings.get(k) != stored.get(k))
+
+
 def trained_source(name, settings, trained_from):
     """The stored run and weights to evaluate instead of training ``name`` again; refused by name
     when the run is missing, its weights are missing, or it was trained with other settings."""
@@ -156,8 +161,7 @@ def trained_source(name, settings, trained_from):
     if not run_path.exists():
         raise SystemExit(f"--trained_from: no stored run {run_path}")
     record = json.loads(run_path.read_text())
-    differ = sorted(k for k in set(settings) | set(record["settings"])
-                    if k not in EVALUATION_SETTINGS and settings.get(k) != record["settings"].get(k))
+    differ = differing_settings(settings, record["settings"], EVALUATION_SETTINGS)
     if differ or record["overrides"] != VARIANTS[name][1]:
         raise SystemExit(f"--trained_from: {run_path} was trained with other settings "
                          f"({differ or 'the variant overrides changed'}); run it again instead")
@@ -319,8 +323,7 @@ def main():
             if not groups:
                 print(f"{name}: stored in {path}, skipped")
                 continue
-            differ = sorted(k for k in set(settings) | set(stored["settings"])
-                            if k not in ("show_progress", "torch_threads") and settings.get(k) != stored["settings"].get(k))
+            differ = differing_settings(settings, stored["settings"], {"show_progress", "torch_threads"})
             if differ:
                 raise SystemExit(f"{path} was evaluated with other settings ({differ}); use another --runs folder")
         trains = name not in ("Pop", "SASRec") and {**settings, **VARIANTS[name][1]}.get("stages", [1, 2]) != []
