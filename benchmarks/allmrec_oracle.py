@@ -62,7 +62,7 @@ class MarkerTokens(torch.nn.Module):
 
     def __init__(self, llm):
         super().__init__()
-        self.positive, self.negative = seeded_word_vectors(llm.get_input_embeddings().weight, seed=0)
+        self.positive, self.negative = seeded_word_vectors(llm.get_input_embeddings(), seed=0)
 
     def tokens(self, model, sample, row, marked_item, candidates):
         marked = (candidates == marked_item).unsqueeze(-1)
@@ -93,7 +93,7 @@ class ScoreTokens(torch.nn.Module):
 
     def __init__(self, llm):
         super().__init__()
-        self.token = ScoreToken(llm.get_input_embeddings().weight, seed=0)
+        self.token = ScoreToken(llm.get_input_embeddings(), seed=0)
 
     @staticmethod
     def backbone_scores(model, sample, row, candidates):

@@ -178,6 +178,17 @@ def set_threads(threads):
         torch.set_num_threads(int(threads))
 
 
+def input_word_scale(embed):
+    """The factor an LLM's input-embedding module ``embed`` applies to its table's rows (Gemma:
+    sqrt(hidden size); Llama-style models: 1). Soft tokens are sized and started from words as the
+    LLM sees them, not from the raw table."""
+    norms = embed.weight.detach().float().norm(dim=-1)
+    row = int(norms.argmax())
+    with torch.no_grad():
+        seen = embed(torch.tensor([row], device=embed.weight.device)).float().norm()
+    return float(seen / norms[row])
+
+
 @_rng_neutral
 def load_sentence_encoder(name, device="cpu"):
     """A ``SentenceTransformer`` for ``name`` (trainable module; callers freeze it if they want)."""

@@ -62,21 +62,24 @@ def mlp_projector(in_dim, out_dim, activation):
     return layers
 
 
-def seeded_word_vectors(word_embeddings, seed=0):
-    """Two trainable float32 copies of seeded random rows of an LLM's word-embedding table: soft
-    tokens that start at a word's scale."""
-    first = min(1000, len(word_embeddings) // 2)  # past the special and byte tokens of real vocabularies
-    picks = torch.randint(first, len(word_embeddings), (2,), generator=torch.Generator().manual_seed(seed))
-    return tuple(torch.nn.Parameter(word_embeddings[i].detach().float().clone()) for i in picks)
+def seeded_word_vectors(embed, seed=0):
+    """Two trainable float32 copies of seeded random words as the LLM's input-embedding module
+    ``embed`` gives them (scaled, for Gemma): soft tokens that start at a word's scale."""
+    vocabulary = len(embed.weight)
+    first = min(1000, vocabulary // 2)  # past the special and byte tokens of real vocabularies
+    picks = torch.randint(first, vocabulary, (2,), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        rows = embed(picks.to(embed.weight.device)).float()
+    return tuple(torch.nn.Parameter(row.clone()) for row in rows)
 
 
 class ScoreToken(torch.nn.Module):
     """``a + z * b`` for standardised scores z: a soft token per candidate that carries one number,
     a and b starting at a word's scale (the score oracle, results/allmrec_oracle.md)."""
 
-    def __init__(self, word_embeddings, seed=0):
+    def __init__(self, embed, seed=0):
         super().__init__()
-        self.offset, self.slope = seeded_word_vectors(word_embeddings, seed)
+        self.offset, self.slope = seeded_word_vectors(embed, seed)
 
     def forward(self, z):
         return self.offset + z.unsqueeze(-1) * self.slope
@@ -164,8 +167,9 @@ class ALLMRec(SequentialRecommender):
         if config["lora_args"]:
             self.llm = self._with_lora(self.llm, dict(config["lora_args"]))
         hidden = self.llm.config.hidden_size
-        words = self.llm.get_input_embeddings().weight.detach()
-        self.word_norm = float(words.float().norm(dim=-1).mean())
+        words = self.llm.get_input_embeddings()
+        # the mean norm of words as the LLM sees them (Gemma scales its table by sqrt(hidden))
+        self.word_norm = float(words.weight.detach().float().norm(dim=-1).mean()) * models.input_word_scale(words)
         if self.use_user_token:
             user_dim = self._user_dim()
             self.user_proj = mlp_projector(user_dim, hidden, torch.nn.LeakyReLU())
