@@ -47,6 +47,9 @@ for _judge, _label in (("llm", "llm"), ("llm_pointwise", "pw"), ("embedding", "e
     # "-pop": the judge shown one popular history for every user (an item prior, nothing personal)
     METHODS[f"AugBPR-{_label}-pop"] = {"judge": _judge, "judge_history": "popular"}
     METHODS[f"AugBPR-{_label}-cw-nn"] = {"judge": _judge, "aug_warm_pairs_per_user": 1, **NO_COLD_NEGATIVES}
+    # "-soft": the judge's probability as the BPR target (aug_label: soft), with its -pop control
+    METHODS[f"AugBPR-{_label}-soft"] = {"judge": _judge, "aug_label": "soft"}
+    METHODS[f"AugBPR-{_label}-soft-pop"] = {"judge": _judge, "aug_label": "soft", "judge_history": "popular"}
     # the cold-among-all-items options at other weights: how much upward push keeps warm items in place?
     for _suffix in ("cw", "nn", "cw-nn"):
         METHODS.update({f"AugBPR-{_label}-{_suffix}-w{w}": {**METHODS[f"AugBPR-{_label}-{_suffix}"], "aug_weight": w}
@@ -255,7 +258,8 @@ def valid_choice_table(runs, bases):
         seeds, plain_valid_warm = {r["seed"] for r in plain}, mean(plain, "valid_groups", "warm_start_items")
         for label in ("llm", "pw", "emb", "random"):
             family = sorted({r["method"] for r in runs if r["base"] == base and (
-                r["method"] == f"AugBPR-{label}" or r["method"].startswith((f"AugBPR-{label}-w", f"AugBPR-{label}-k")))})
+                r["method"] in (f"AugBPR-{label}", f"AugBPR-{label}-soft")
+                or r["method"].startswith((f"AugBPR-{label}-w", f"AugBPR-{label}-k")))})
             if len(family) < 2:
                 continue
             candidates = []
@@ -267,7 +271,8 @@ def valid_choice_table(runs, bases):
                 candidates.append((warm >= -0.02, mean(rs, "valid_groups", "cold_start_items@cold"), method, rs))
             allowed = [c for c in candidates if c[0]] or candidates
             _, _, method, rs = max(allowed, key=lambda c: c[1])
-            setting = f"aug_weight {rs[0]['config'].get('aug_weight', 0.1)}, keep {rs[0]['config'].get('aug_keep_fraction', 1.0)}"
+            setting = (f"aug_weight {rs[0]['config'].get('aug_weight', 0.1)}, keep {rs[0]['config'].get('aug_keep_fraction', 1.0)}, "
+                       f"{rs[0]['config'].get('aug_label', 'hard')} labels")
             cold_b, cold_o = mean(plain, "groups", "cold_start_items@cold"), mean(rs, "groups", "cold_start_items@cold")
             warm_b, warm_o = mean(plain, "groups", "warm_start_items"), mean(rs, "groups", "warm_start_items")
             change, goal = goal_verdict(cold_b, cold_o, warm_b, warm_o)
@@ -336,7 +341,7 @@ def main():
         "",
         goal_table(runs, args.bases, args.methods),
         "",
-        "aug_weight and aug_keep_fraction chosen on the validation rows (best validation cold@cold Recall@50 among the "
+        "aug_weight, aug_keep_fraction and hard or soft labels chosen on the validation rows (best validation cold@cold Recall@50 among the "
         "settings whose validation warm Recall@50 drops by at most 2%), then its test numbers:",
         "",
         valid_choice_table(runs, args.bases),

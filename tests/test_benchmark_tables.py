@@ -90,3 +90,31 @@ def test_trained_from_evaluates_stored_weights_without_training(tmp_path, monkey
     assert otherwise["epoch_losses"] == trained["epoch_losses"] and otherwise["overrides"] == overrides
     assert "learning_curve" not in otherwise, "the source variant's curve ranks its own way"
     assert otherwise["results"] != trained["results"]
+
+
+def _augbpr_run(method, seed, cold, warm, valid_cold, valid_warm, **config):
+    groups = lambda c, w: {"cold_start_items@cold": {"recall@50": c}, "cold_start_items": {"recall@50": 0.0},  # noqa: E731
+                           "warm_start_items": {"recall@50": w}}
+    return {"base": "BPR", "method": method, "seed": seed, "config": config,
+            "groups": groups(cold, warm), "valid_groups": groups(valid_cold, valid_warm)}
+
+
+def test_augbpr_tables_choose_soft_labels_on_validation_and_check_them_against_their_control():
+    from benchmarks.augbpr_benchmark import METHODS, goal_table, valid_choice_table
+
+    assert METHODS["AugBPR-llm-soft"] == {"judge": "llm", "aug_label": "soft"}
+    assert METHODS["AugBPR-llm-soft-pop"]["judge_history"] == "popular"
+    runs = []
+    for seed in (0, 1):
+        runs += [_augbpr_run("base", seed, 0.15, 0.40, 0.15, 0.40),
+                 _augbpr_run("AugBPR-llm", seed, 0.18, 0.40, 0.17, 0.40, judge="llm"),
+                 # the best validation cold score, but validation warm down 5%: not allowed
+                 _augbpr_run("AugBPR-llm-w0.3", seed, 0.25, 0.36, 0.30, 0.38, judge="llm", aug_weight=0.3),
+                 _augbpr_run("AugBPR-llm-soft", seed, 0.20, 0.40, 0.20, 0.399, judge="llm", aug_label="soft"),
+                 _augbpr_run("AugBPR-llm-soft-pop", seed, 0.21 - 0.02 * seed, 0.40, 0.22, 0.40, judge="llm",
+                             aug_label="soft", judge_history="popular")]
+    chosen = valid_choice_table(runs, ["BPR"]).splitlines()[2]
+    # the -pop control is not a setting to choose; three settings tried, soft labels chosen
+    assert "| llm | 3 | AugBPR-llm-soft (aug_weight 0.1, keep 1.0, soft labels) | 0.1500 → 0.2000 |" in chosen
+    soft = next(line for line in goal_table(runs, ["BPR"], ["AugBPR-llm-soft"]).splitlines() if "AugBPR-llm-soft |" in line)
+    assert "| 2/2 | 1/2 | met |" in soft  # above base in both seeds, above its control in seed 1 only
