@@ -38,6 +38,7 @@ from recbole.utils import init_seed
 
 from benchmarks.common import cpu_description, parse_sets, write_report
 from recbole_llm.config import Config
+from recbole_llm.llm.models import input_word_scale
 from recbole_llm.llm.scoring import branch_log_likelihoods
 from recbole_llm.model.allmrec import ScoreToken, mlp_projector, seeded_word_vectors
 from recbole_llm.quick_start import build_model, prepare
@@ -58,15 +59,18 @@ def last_transitions(train_data, model):
 
 
 class MarkerTokens(torch.nn.Module):
-    """m+ on the target candidate, m- on the others; both start as word embeddings of the LLM."""
+    """m+ on the target candidate, m- on the others; both start as word embeddings of the LLM (kept
+    in its table's units and scaled as its embedding module scales words, like ``ScoreToken``)."""
 
     def __init__(self, llm):
         super().__init__()
-        self.positive, self.negative = seeded_word_vectors(llm.get_input_embeddings(), seed=0)
+        embed = llm.get_input_embeddings()
+        self.positive, self.negative = seeded_word_vectors(embed.weight, seed=0)
+        self.scale = input_word_scale(embed)
 
     def tokens(self, model, sample, row, marked_item, candidates):
         marked = (candidates == marked_item).unsqueeze(-1)
-        return None, None, torch.where(marked, self.positive, self.negative)
+        return None, None, torch.where(marked, self.positive, self.negative) * self.scale
 
 
 class MatchingTokens(torch.nn.Module):

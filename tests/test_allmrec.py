@@ -479,7 +479,7 @@ def test_separate_score_token_follows_each_candidates_item_token(shared_cache):
     with torch.no_grad():
         _, _, tokens = model.soft_tokens(vector, history, candidates)
         torch.testing.assert_close(tokens[:, 0], model.item_proj(model.joint_item_embeddings(candidates)))
-        torch.testing.assert_close(tokens[:, 1], model.score_proj.offset + z.unsqueeze(-1) * model.score_proj.slope)
+        torch.testing.assert_close(tokens[:, 1], (model.score_proj.offset + z.unsqueeze(-1) * model.score_proj.slope) * model.score_proj.scale)
         # a and b start at a word's scale, so the score token is not drowned by its neighbours
         word_norm = words.norm(dim=-1).mean()
         assert 0.5 < model.score_proj.offset.norm() / word_norm < 2

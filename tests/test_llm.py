@@ -101,10 +101,11 @@ def test_tiny_causal_lm_runs_and_pools():
 
 def test_soft_tokens_are_sized_by_words_as_the_llm_sees_them():
     """Gemma multiplies its table rows by sqrt(hidden size) in the embedding module: a soft token
-    sized or started from the raw table would be 1/sqrt(hidden) of a word there."""
+    sized from the raw table would be 1/sqrt(hidden) of a word there, and one whose parameters
+    were the scaled rows would move sqrt(hidden) times slower under Adam's absolute steps."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
-    from recbole_llm.model.allmrec import seeded_word_vectors
+    from recbole_llm.model.allmrec import ScoreToken
 
     small = dict(vocab_size=2000, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                  num_key_value_heads=1, head_dim=8)
@@ -113,12 +114,12 @@ def test_soft_tokens_are_sized_by_words_as_the_llm_sees_them():
     for llm, scale in ((gemma, 16 ** 0.5), (llama, 1.0)):
         embed = llm.get_input_embeddings()
         assert models.input_word_scale(embed) == pytest.approx(scale, rel=1e-5)
-        rows = torch.stack(seeded_word_vectors(embed, seed=3))
+        token = ScoreToken(embed, seed=3)
         with torch.no_grad():
-            seen = embed(torch.arange(len(embed.weight)))
-        # each starting vector is a row of what the LLM sees, at a seen word's norm
-        assert all(torch.isclose(seen, row).all(dim=-1).any() for row in rows)
-        assert float(rows.norm(dim=-1).mean() / seen.norm(dim=-1).mean()) == pytest.approx(1, abs=0.5)
+            seen, at_zero = embed(torch.arange(len(embed.weight))), token(torch.zeros(1))[0]
+        # the parameters are table rows; the token at z = 0 is a word exactly as the LLM sees it
+        assert torch.isclose(embed.weight, token.offset.detach()).all(dim=-1).any()
+        assert torch.isclose(seen, at_zero).all(dim=-1).any()
 
 
 def test_embeddings_are_cached_and_recomputed_when_inputs_change(tmp_path, monkeypatch):

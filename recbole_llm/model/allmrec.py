@@ -62,27 +62,28 @@ def mlp_projector(in_dim, out_dim, activation):
     return layers
 
 
-def seeded_word_vectors(embed, seed=0):
-    """Two trainable float32 copies of seeded random words as the LLM's input-embedding module
-    ``embed`` gives them (scaled, for Gemma): soft tokens that start at a word's scale."""
-    vocabulary = len(embed.weight)
-    first = min(1000, vocabulary // 2)  # past the special and byte tokens of real vocabularies
-    picks = torch.randint(first, vocabulary, (2,), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        rows = embed(picks.to(embed.weight.device)).float()
-    return tuple(torch.nn.Parameter(row.clone()) for row in rows)
+def seeded_word_vectors(word_embeddings, seed=0):
+    """Two trainable float32 copies of seeded random rows of an LLM's word-embedding table (in the
+    table's own units: see ``ScoreToken``)."""
+    first = min(1000, len(word_embeddings) // 2)  # past the special and byte tokens of real vocabularies
+    picks = torch.randint(first, len(word_embeddings), (2,), generator=torch.Generator().manual_seed(seed))
+    return tuple(torch.nn.Parameter(word_embeddings[i].detach().float().clone()) for i in picks)
 
 
 class ScoreToken(torch.nn.Module):
-    """``a + z * b`` for standardised scores z: a soft token per candidate that carries one number,
-    a and b starting at a word's scale (the score oracle, results/allmrec_oracle.md)."""
+    """``(a + z * b) * scale`` for standardised scores z: a soft token per candidate that carries one
+    number (the score oracle, results/allmrec_oracle.md). a and b start as two words' table rows and
+    stay in the table's units; ``scale`` is what the LLM's embedding module multiplies rows by
+    (Gemma: sqrt(hidden)), so the token starts at a word's scale as the LLM sees it, and Adam's
+    step (absolute, in parameter units) is the same share of a and b for every LLM."""
 
     def __init__(self, embed, seed=0):
         super().__init__()
-        self.offset, self.slope = seeded_word_vectors(embed, seed)
+        self.offset, self.slope = seeded_word_vectors(embed.weight, seed)
+        self.scale = models.input_word_scale(embed)
 
     def forward(self, z):
-        return self.offset + z.unsqueeze(-1) * self.slope
+        return (self.offset + z.unsqueeze(-1) * self.slope) * self.scale
 
 
 def _standardise(z):
