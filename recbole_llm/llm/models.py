@@ -180,8 +180,8 @@ def set_threads(threads):
 
 def input_word_scale(embed):
     """The factor an LLM's input-embedding module ``embed`` applies to its table's rows (Gemma:
-    sqrt(hidden size); Llama-style models: 1). Soft tokens are sized and started from words as the
-    LLM sees them, not from the raw table."""
+    sqrt(hidden size); Llama-style models: 1). Soft tokens are sized to words as the LLM sees them,
+    not to the raw table."""
     norms = embed.weight.detach().float().norm(dim=-1)
     row = int(norms.argmax())
     with torch.no_grad():
