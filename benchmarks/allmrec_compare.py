@@ -256,11 +256,13 @@ def write_table(runs_dir, out, command, dataset):
         title = f"{mode} Hit@1 (1 positive + {candidates - 1} sampled negatives)"
     else:  # full (or pop-sampled) ranking: no fixed candidate list, chance is ~1 / #items
         candidates, title = None, f"Hit@1 ranked by `eval_args.mode: {mode}`"
+    threads = sorted({str(r.get("machine", {}).get("torch_threads") or 1) for r in records.values()})
+    threads = f"{' or '.join(threads)} CPU thread{'' if threads == ['1'] else 's'} (each run's JSON: `machine`)"
     lines = [f"# ALLMRec on {dataset}: {title}", "",
              f"Table written by `{command}` from every run stored in `{shown_dir}` (each variant's JSON holds its "
              "settings; the variants were run by earlier invocations listed in the notes).", "",
              f"Hit@1 ± binomial standard error per group (the same users and sampled negatives for every variant); "
-             f"train and evaluation seconds on one CPU thread ({cpu} with {', '.join(flags)}, for the runs made "
+             f"train and evaluation seconds on {threads} ({cpu} with {', '.join(flags)}, for the runs made "
              "since 2026-12-02; earlier runs: see the notes).", "",
              "| variant | what | " + " | ".join(GROUPS) + " | Hit@5 / Hit@10 (test) | train s (stage 1 / 2) "
              "| test eval s per user |",

@@ -28,6 +28,16 @@ def test_table_title_and_chance_row_follow_the_runs_evaluation_mode(tmp_path, mo
     assert text.splitlines()[0] == f"# ALLMRec on ml-100k: {title}"
     assert "| SASRec |" in text and "0.500 ± 0.050" in text  # binomial SE of 0.5 on 100 users
     assert (chance in text) if chance else ("| chance |" not in text)
+    assert "seconds on 1 CPU thread (" in text  # runs without a machine record count as one thread
+
+
+def test_table_names_the_threads_its_runs_used(tmp_path):
+    _run(tmp_path, "Pop", "uni19", 0.25)
+    record = json.loads((tmp_path / "Pop.json").read_text())
+    (tmp_path / "Pop.json").write_text(json.dumps({**record, "machine": {"torch_threads": 2}}))
+    _run(tmp_path, "SASRec", "uni19", 0.5)
+    write_table(tmp_path, tmp_path / "table.md", "python -m benchmarks.allmrec_compare", "ml-100k")
+    assert "seconds on 1 or 2 CPU threads (each run's JSON: `machine`)" in (tmp_path / "table.md").read_text()
 
 
 def test_table_of_groups_without_the_overall_test(tmp_path):
