@@ -52,6 +52,8 @@ SCORE_ALONE = {"use_user_token": False, "use_item_tokens": False, "candidate_sco
 # batches: 160 batches = 640 samples, past the 320-sample budget)
 PROMPT_PRIOR = {"score_calibration": "prompt_prior", "stage2_eval_every": 160}
 WORD_20 = {**SCORE_ALONE, "soft_token_norm": "word", "num_candidates": 20}  # the score token alone, 20 candidates
+# the score-token recipe's curriculum: 160 stage-2 samples on 5-candidate lists, then 20-candidate lists
+CURRICULUM_5TO20 = {"num_candidates": 20, "stage2_curriculum_samples": 160, "stage2_curriculum_candidates": 5}
 
 # name -> (model, overrides, what it is)
 VARIANTS = {
@@ -95,6 +97,14 @@ VARIANTS = {
                                                          "stage2_curriculum_candidates": 5, **PROMPT_PRIOR},
                                              "ALLMRec-score-token-frozen-5to20 trained and ranked by what the soft tokens "
                                              "add (prompt_prior in the listwise loss too)"),
+    "ALLMRec-score-token-5to20-ppt": ("ALLMRec", {**SCORE, "score_token_layout": "separate", **CURRICULUM_5TO20,
+                                                  **PROMPT_PRIOR},
+                                      "ALLMRec-score-token (F_U, F_I from stage 1, trained on in stage 2) with the "
+                                      "curriculum, trained and ranked by what the soft tokens add (prompt_prior)"),
+    "MLP-LLM-score-token-5to20-ppt": ("ALLMRec", {**SCORE, "score_token_layout": "separate", **CURRICULUM_5TO20,
+                                                  **PROMPT_PRIOR, "item_embedding_source": "backbone", "stages": [2]},
+                                      "MLP-LLM in ALLMRec-score-token-5to20-ppt's recipe: the backbone's standardised "
+                                      "E_i and x_u through MLPs trained in stage 2 only (no stage 1)"),
     "LLM-score-token": ("ALLMRec", SCORE_ALONE,
                         "ablation: the score oracle's prompt, LLM-Only's prompt with the backbone's score token after "
                         "each title (no user or item soft tokens, no rescaling; only a and b train)"),
@@ -239,6 +249,14 @@ def run_variant(name, dataset, settings, only_groups=None, weights=None, trained
     return record
 
 
+def evaluation_mode(record):
+    """``(test evaluation mode, candidates per user)`` of a stored run: uniN ranks 1 positive + N sampled
+    negatives; a full (or pop-sampled) ranking has no fixed candidate list (None)."""
+    mode = ((record or {}).get("settings", {}).get("eval_args") or {}).get("mode", "uni19")
+    mode = mode.get("test", "uni19") if isinstance(mode, dict) else mode
+    return mode, int(mode[3:]) + 1 if mode.startswith("uni") else None
+
+
 def write_table(runs_dir, out, command, dataset):
     records = {}
     for path in sorted(Path(runs_dir).glob("*.json")):
@@ -248,14 +266,12 @@ def write_table(runs_dir, out, command, dataset):
     cpu, flags = cpu_description()
     shown_dir = Path(runs_dir).resolve()
     shown_dir = shown_dir.relative_to(ROOT) if shown_dir.is_relative_to(ROOT) else shown_dir
-    mode = (records[order[0]]["settings"].get("eval_args") or {}).get("mode", "uni19") if order else "uni19"
-    mode = mode.get("test", "uni19") if isinstance(mode, dict) else mode
-    if mode.startswith("uni"):  # uniN: 1 positive + N sampled negatives
-        candidates = int(mode[3:]) + 1
+    mode, candidates = evaluation_mode(records[order[0]] if order else None)
+    if candidates:
         chance = [1 / candidates, min(5 / candidates, 1.0), min(10 / candidates, 1.0)]
         title = f"{mode} Hit@1 (1 positive + {candidates - 1} sampled negatives)"
     else:  # full (or pop-sampled) ranking: no fixed candidate list, chance is ~1 / #items
-        candidates, title = None, f"Hit@1 ranked by `eval_args.mode: {mode}`"
+        title = f"Hit@1 ranked by `eval_args.mode: {mode}`"
     threads = sorted({str(r.get("machine", {}).get("torch_threads") or 1) for r in records.values()})
     threads = f"{' or '.join(threads)} CPU thread{'' if threads == ['1'] else 's'} (each run's JSON: `machine`)"
     lines = [f"# ALLMRec on {dataset}: {title}", "",

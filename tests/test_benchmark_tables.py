@@ -1,6 +1,7 @@
 """The ALLMRec comparison table follows the evaluation mode its runs were made with."""
 import json
 
+import numpy as np
 import pytest
 
 from benchmarks.allmrec_compare import write_table
@@ -128,3 +129,49 @@ def test_augbpr_tables_choose_soft_labels_on_validation_and_check_them_against_t
     assert "| llm | 3 | AugBPR-llm-soft (aug_weight 0.1, keep 1.0, soft labels) | 0.1500 → 0.2000 |" in chosen
     soft = next(line for line in goal_table(runs, ["BPR"], ["AugBPR-llm-soft"]).splitlines() if "AugBPR-llm-soft |" in line)
     assert "| 2/2 | 1/2 | met |" in soft  # above base in both seeds, above its control in seed 1 only
+
+
+def test_summary_sets_llms_side_by_side_with_each_rows_distance_from_pop(tmp_path):
+    from benchmarks.allmrec_summary import section_lines
+    for folder, llm, hits in (("small", None, {"Pop": 0.2, "LLM-Only": 0.3}), ("big", "gemma-3-270m", {"Pop": 0.2})):
+        (tmp_path / folder).mkdir()
+        for variant, hit1 in hits.items():
+            record = {"variant": variant, "settings": {"llm": llm} if llm else {},
+                      "results": {"test": {"hit@1": hit1}}, "eval_users": {"test": 100}}
+            (tmp_path / folder / f"{variant}.json").write_text(json.dumps(record))
+    columns = [("small", "test"), ("big", "test")]
+    lines = section_lines(tmp_path, "title", ["t.md"], ["Pop", "LLM-Only"], columns, columns, "SmolLM2")
+    header = next(line for line in lines if line.startswith("| variant |"))
+    assert "| SmolLM2 test (100 users) | gemma-3-270m test (100 users) | SmolLM2 test minus Pop |" in header
+    assert next(line for line in lines if line.startswith("| chance |")).startswith("| chance | 0.050 | 0.050 | - | - |")
+    row = next(line for line in lines if line.startswith("| LLM-Only |")).split(" | ")
+    # 0.3 - 0.2 over sqrt(0.3 * 0.7 / 100 + 0.2 * 0.8 / 100) = 0.0608: +1.6 SE; not run with the other LLM
+    assert row[1:5] == ["0.300 ± 0.046", "not run", "+0.100 (+1.6 SE)", "-"]
+
+
+def test_summary_refuses_a_column_whose_runs_used_different_llms(tmp_path):
+    from benchmarks.allmrec_summary import section_lines
+    (tmp_path / "mixed").mkdir()
+    for variant, llm in (("LLM-Only", "a"), ("TALLRec", "b")):
+        record = {"variant": variant, "settings": {"llm": llm}, "results": {"test": {"hit@1": 0.1}},
+                  "eval_users": {"test": 50}}
+        (tmp_path / "mixed" / f"{variant}.json").write_text(json.dumps(record))
+    with pytest.raises(SystemExit, match="mixed: runs differ in LLM"):
+        section_lines(tmp_path, "t", [], ["LLM-Only"], [("mixed", "test")], [], "x")
+
+
+def test_score_sources_take_the_prior_out_and_check_the_llm_prior_against_the_backbone():
+    from benchmarks.allmrec_score_sources import analyse
+    rng = np.random.default_rng(0)
+    users, items = range(200), range(1, 11)
+    positives = {u: 1 + u % 10 for u in users}
+    sasrec = {(u, i): 0.5 * (i == positives[u]) + rng.random() for u in users for i in items}  # often finds the target
+    llm_only = {(u, i): 3 * rng.random() for u in users for i in items}  # a prior that knows nothing
+    tables = {"sasrec": sasrec, "llm_only": llm_only, "pop": {k: rng.random() for k in sasrec},
+              "trained": {k: sasrec[k] + llm_only[k] for k in sasrec}}  # the backbone's score over the prior
+    lines = analyse(tables, positives)
+    ranked = lines[lines.index("| ranked by | Hit@1 ± binomial SE |"):]
+    hit = lambda name: float(next(line for line in ranked if line.startswith(f"| {name} |")).split(" | ")[1].split()[0])  # noqa: E731
+    assert hit("trained minus 1 x llm_only") == hit("sasrec") > 0.3  # taking the whole prior out recovers the score
+    assert hit("trained") < hit("trained minus 0.5 x llm_only") < hit("sasrec")  # the prior hides it
+    assert hit("sasrec + 1 x llm_only (each standardised within user)") < hit("sasrec")  # a prior that knows nothing
