@@ -24,8 +24,8 @@ import numpy as np
 import yaml
 from scipy.stats import spearmanr
 
-from benchmarks.allmrec_compare import ROOT, variant_trainer, weights_path
-from benchmarks.common import cpu_description, write_report
+from benchmarks.allmrec_compare import EVALUATION_SETTINGS, ROOT, variant_trainer, weights_path
+from benchmarks.common import cpu_description, parse_sets, write_report
 from recbole_llm.quick_start import evaluate_seeded
 
 KINDS = ("pop", "sasrec", "llm_only", "trained")
@@ -105,10 +105,17 @@ def main():
     parser.add_argument("--kinds", nargs="*", default=list(KINDS), help=f"record only these of {KINDS}, then stop")
     parser.add_argument("--scores_dir", default=str(ROOT / "saved" / "allmrec_score_sources"))
     parser.add_argument("--out", default=None, help="markdown report to write")
+    parser.add_argument("--set", nargs="*", default=[],
+                        help="key=value overrides of the settings that do not change the scores (torch_threads, show_progress)")
     args = parser.parse_args()
     record = json.loads((Path(args.runs) / f"{args.variant}.json").read_text())
     settings = {**(yaml.safe_load((ROOT / "benchmarks" / "allmrec_compare.yaml").read_text()) or {}),
                 **record["settings"], "eval_max_users": args.users}
+    overrides, allowed = parse_sets(args.set), EVALUATION_SETTINGS - {"eval_max_users"}
+    if set(overrides) - allowed:
+        raise SystemExit(f"--set {sorted(set(overrides) - allowed)}: only {sorted(allowed)} may differ from the "
+                         "variant's stored settings")
+    settings.update(overrides)
     tables, positives = {}, None
     for kind in args.kinds:
         path = Path(args.scores_dir) / f"{Path(args.runs).name}-{args.variant}-{args.users}-{kind}.pkl"
