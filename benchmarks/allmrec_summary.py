@@ -27,11 +27,11 @@ SCORE_RECIPE_ROWS = ["Pop", "SASRec", "LLM-Only", "TALLRec", "MLP-LLM-score-toke
 SECTIONS = [
     ("The score-token recipe: 10-epoch SASRec backbone, 320 stage-2 samples (160 on 5 candidates, then 20), "
      "listwise loss, lr 0.01", ["allmrec_ml-100k_score_sum_bb10.md", "allmrec_ml-100k_score_sum_bb10_groups.md",
-                                "allmrec_ml-100k_score_sum_bb10_gemma.md"],
+                                "allmrec_ml-100k_score_sum_bb10_gemma.md", "allmrec_ml-100k_score_sum_bb10_gemma_groups.md"],
      SCORE_RECIPE_ROWS,
      [("ml-100k-score-sum-bb10", "test"), ("ml-100k-score-sum-bb10-groups", "cold_items"),
       ("ml-100k-score-sum-bb10-groups", "warm_items"), ("ml-100k-score-sum-bb10-groups", "cold_users"),
-      ("ml-100k-score-sum-bb10-gemma", "test")],
+      ("ml-100k-score-sum-bb10-gemma", "test"), ("ml-100k-score-sum-bb10-gemma-groups", "cold_items")],
      [("ml-100k-score-sum-bb10", "test"), ("ml-100k-score-sum-bb10-gemma", "test")]),
     ("The paper's recipe: 2-epoch SASRec backbone, paper losses, one stage-2 pass over the training users",
      ["allmrec_ml-100k.md"], ["Pop", "SASRec", "LLM-Only", "TALLRec", "MLP-LLM", "ALLMRec"],
