@@ -23,7 +23,7 @@ RUNS = ROOT / "results" / "allmrec_runs"
 SCORE_RECIPE_ROWS = ["Pop", "SASRec", "LLM-Only", "TALLRec", "MLP-LLM-score-token-5to20-ppt",
                      "ALLMRec-score-token-5to20-ppt", "ALLMRec-score-token-frozen-5to20-ppt",
                      "LLM-score-token-word-5to20", "LLM-score-token-word-5to20-pp", "LLM-score-token-word-5to20-ppt"]
-# (title, table it comes from, rows, columns: (runs folder, group), columns compared with Pop)
+# (title, the tables it comes from, rows, columns: (runs folder, group), the columns compared with Pop)
 SECTIONS = [
     ("The score-token recipe: 10-epoch SASRec backbone, 320 stage-2 samples (160 on 5 candidates, then 20), "
      "listwise loss, lr 0.01", ["allmrec_ml-100k_score_sum_bb10.md", "allmrec_ml-100k_score_sum_bb10_groups.md",
