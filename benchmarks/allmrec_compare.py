@@ -41,6 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # the conditioning keys of ALLMRec-conditioned, and ALLMRec-score's additions to them
 CONDITIONED = {"latent_norm": "standardise", "soft_token_norm": "word", "cold_item_text_tokens": "inference"}
 SCORE = {**CONDITIONED, "candidate_score_token": True, "stage2_objective": "listwise"}
+SCORE_TOKEN = {**SCORE, "score_token_layout": "separate"}  # the score in a token of its own
+FROZEN_F = {"stage2_frozen_projection_samples": 10 ** 9}  # F_U and F_I frozen at their initial weights
 
 # the prompt without soft tokens, untrained
 LLM_ONLY = {"use_user_token": False, "use_item_tokens": False, "stages": []}
@@ -54,6 +56,7 @@ PROMPT_PRIOR = {"score_calibration": "prompt_prior", "stage2_eval_every": 160}
 WORD_20 = {**SCORE_ALONE, "soft_token_norm": "word", "num_candidates": 20}  # the score token alone, 20 candidates
 # the score-token recipe's curriculum: 160 stage-2 samples on 5-candidate lists, then 20-candidate lists
 CURRICULUM_5TO20 = {"num_candidates": 20, "stage2_curriculum_samples": 160, "stage2_curriculum_candidates": 5}
+WORD_5TO20 = {**WORD_20, **CURRICULUM_5TO20}
 
 # name -> (model, overrides, what it is)
 VARIANTS = {
@@ -75,34 +78,27 @@ VARIANTS = {
     "ALLMRec-score": ("ALLMRec", SCORE,
                       "ours: ALLMRec-conditioned plus the backbone's standardised score in each candidate's token, "
                       "listwise stage-2 loss"),
-    "ALLMRec-score-token": ("ALLMRec", {**SCORE, "score_token_layout": "separate"},
+    "ALLMRec-score-token": ("ALLMRec", SCORE_TOKEN,
                             "ours: ALLMRec-score with the score in a token of its own after each candidate's item token "
                             "(a, b at word scale, as in the score oracle)"),
-    "ALLMRec-score-frozen": ("ALLMRec", {**SCORE, "stage2_frozen_projection_samples": 10 ** 9},
+    "ALLMRec-score-frozen": ("ALLMRec", {**SCORE, **FROZEN_F},
                              "ablation: ALLMRec-score with F_U and F_I frozen at their initial weights "
                              "(only the score token learns in stage 2)"),
-    "ALLMRec-score-token-frozen": ("ALLMRec", {**SCORE, "score_token_layout": "separate",
-                                               "stage2_frozen_projection_samples": 10 ** 9},
+    "ALLMRec-score-token-frozen": ("ALLMRec", {**SCORE_TOKEN, **FROZEN_F},
                                    "ablation: ALLMRec-score-token with F_U and F_I frozen at their initial weights "
                                    "(the score oracle's token inside ALLMRec's prompt)"),
-    "ALLMRec-score-token-frozen-5to20": ("ALLMRec", {**SCORE, "score_token_layout": "separate",
-                                                     "stage2_frozen_projection_samples": 10 ** 9, "num_candidates": 20,
-                                                     "stage2_curriculum_samples": 160,
-                                                     "stage2_curriculum_candidates": 5},
+    "ALLMRec-score-token-frozen-5to20": ("ALLMRec", {**SCORE_TOKEN, **FROZEN_F, **CURRICULUM_5TO20},
                                          "ALLMRec-score-token-frozen with the curriculum of LLM-score-token-word-5to20 "
                                          "(160 stage-2 samples on 5 candidates, then 20)"),
-    "ALLMRec-score-token-frozen-5to20-ppt": ("ALLMRec", {**SCORE, "score_token_layout": "separate",
-                                                         "stage2_frozen_projection_samples": 10 ** 9, "num_candidates": 20,
-                                                         "stage2_curriculum_samples": 160,
-                                                         "stage2_curriculum_candidates": 5, **PROMPT_PRIOR},
+    "ALLMRec-score-token-frozen-5to20-ppt": ("ALLMRec", {**SCORE_TOKEN, **FROZEN_F, **CURRICULUM_5TO20,
+                                                         **PROMPT_PRIOR},
                                              "ALLMRec-score-token-frozen-5to20 trained and ranked by what the soft tokens "
                                              "add (prompt_prior in the listwise loss too)"),
-    "ALLMRec-score-token-5to20-ppt": ("ALLMRec", {**SCORE, "score_token_layout": "separate", **CURRICULUM_5TO20,
-                                                  **PROMPT_PRIOR},
+    "ALLMRec-score-token-5to20-ppt": ("ALLMRec", {**SCORE_TOKEN, **CURRICULUM_5TO20, **PROMPT_PRIOR},
                                       "ALLMRec-score-token (F_U, F_I from stage 1, trained on in stage 2) with the "
                                       "curriculum, trained and ranked by what the soft tokens add (prompt_prior)"),
-    "MLP-LLM-score-token-5to20-ppt": ("ALLMRec", {**SCORE, "score_token_layout": "separate", **CURRICULUM_5TO20,
-                                                  **PROMPT_PRIOR, "item_embedding_source": "backbone", "stages": [2]},
+    "MLP-LLM-score-token-5to20-ppt": ("ALLMRec", {**SCORE_TOKEN, **CURRICULUM_5TO20, **PROMPT_PRIOR,
+                                                  "item_embedding_source": "backbone", "stages": [2]},
                                       "MLP-LLM in ALLMRec-score-token-5to20-ppt's recipe: the backbone's standardised "
                                       "E_i and x_u through MLPs trained in stage 2 only (no stage 1)"),
     "LLM-score-token": ("ALLMRec", SCORE_ALONE,
@@ -114,20 +110,16 @@ VARIANTS = {
     "LLM-score-token-word-20": ("ALLMRec", WORD_20,
                                 "ablation: LLM-score-token-word trained on 20-candidate lists (1 positive + 19 "
                                 "negatives), the length it is evaluated on"),
-    "LLM-score-token-word-5to20": ("ALLMRec", {**WORD_20, "stage2_curriculum_samples": 160,
-                                               "stage2_curriculum_candidates": 5},
+    "LLM-score-token-word-5to20": ("ALLMRec", WORD_5TO20,
                                    "ablation: LLM-score-token-word trained on 5-candidate lists for 160 samples, then "
                                    "on 20-candidate lists (a curriculum)"),
-    "LLM-score-token-word-5to20-480": ("ALLMRec", {**WORD_20, "stage2_curriculum_samples": 160,
-                                                   "stage2_curriculum_candidates": 5, "stage2_max_samples": 480},
+    "LLM-score-token-word-5to20-480": ("ALLMRec", {**WORD_5TO20, "stage2_max_samples": 480},
                                        "ablation: LLM-score-token-word-5to20 with twice the 20-candidate phase "
                                        "(160 samples on 5 candidates, then 320 on 20)"),
-    "LLM-score-token-word-5to20-pp": ("ALLMRec", {**WORD_20, "stage2_curriculum_samples": 160,
-                                                  "stage2_curriculum_candidates": 5, "score_calibration": "prompt_prior"},
+    "LLM-score-token-word-5to20-pp": ("ALLMRec", {**WORD_5TO20, "score_calibration": "prompt_prior"},
                                       "LLM-score-token-word-5to20's weights ranked by what the score token adds: each "
                                       "candidate's score minus LLM-Only's (score_calibration: prompt_prior at inference)"),
-    "LLM-score-token-word-5to20-ppt": ("ALLMRec", {**WORD_20, "stage2_curriculum_samples": 160,
-                                                   "stage2_curriculum_candidates": 5, **PROMPT_PRIOR},
+    "LLM-score-token-word-5to20-ppt": ("ALLMRec", {**WORD_5TO20, **PROMPT_PRIOR},
                                        "LLM-score-token-word-5to20 trained and ranked by what the score token adds "
                                        "(prompt_prior in the listwise loss too)"),
     "LLM-score-token-word-20-prior": ("ALLMRec", {**WORD_20, "score_calibration": "title_prior"},

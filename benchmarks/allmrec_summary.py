@@ -43,13 +43,13 @@ def load_runs(folder):
     return {path.stem: json.loads(path.read_text()) for path in sorted(Path(folder).glob("*.json"))}
 
 
-def column_header(runs, folder, group, default_llm):
-    """'<LLM> <group> (<users>)' from the folder's runs; refused when they disagree on either."""
+def column_label(runs, folder, group, default_llm):
+    """``('<LLM> <group>', users)`` from the folder's runs; refused when they disagree on either."""
     llms = {r["settings"].get("llm") or default_llm for r in runs.values()}
     users = {r["eval_users"][group] for r in runs.values() if group in r.get("eval_users", {})}
     if len(llms) > 1 or len(users) > 1:
         raise SystemExit(f"{folder}: runs differ in LLM {sorted(llms)} or {group} users {sorted(users)}")
-    return f"{next(iter(llms), default_llm)} {group} ({next(iter(users), '?')} users)"
+    return f"{next(iter(llms), default_llm)} {group}", next(iter(users), "?")
 
 
 def cell(record, group):
@@ -80,8 +80,9 @@ def chance(runs):
 
 def section_lines(runs_root, title, tables, rows, columns, compared, default_llm):
     runs = {folder: load_runs(Path(runs_root) / folder) for folder in {f for f, _ in columns}}
-    headers = [column_header(runs[f], f, g, default_llm) for f, g in columns]
-    compared_headers = [f"{headers[columns.index(c)].split(' (')[0]} minus Pop" for c in compared]
+    labels = {(f, g): column_label(runs[f], f, g, default_llm) for f, g in columns}
+    headers = [f"{labels[c][0]} ({labels[c][1]} users)" for c in columns]
+    compared_headers = [f"{labels[c][0]} minus Pop" for c in compared]
     lines = [f"## {title}", "", "From " + ", ".join(f"[{t}]({t})" for t in tables) + " (learning curves, timings, "
              "commands and notes there).", "",
              "| variant | " + " | ".join(headers + compared_headers) + " | what |",
