@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks.allmrec_compare import ROOT, VARIANTS, binomial_se, evaluation_mode
-from benchmarks.common import write_report
+from benchmarks.common import cpu_description, write_report
 
 RUNS = ROOT / "results" / "allmrec_runs"
 SCORE_RECIPE_ROWS = ["Pop", "SASRec", "LLM-Only", "TALLRec", "MLP-LLM-score-token-5to20-ppt",
@@ -102,9 +102,11 @@ def main():
     parser.add_argument("--runs", default=str(RUNS), help="the folder holding the runs folders of SECTIONS")
     args = parser.parse_args()
     default_llm = yaml.safe_load((ROOT / "properties" / "overall.yaml").read_text())["llm"]
+    cpu, flags = cpu_description()
     lines = ["# ALLMRec on ml-100k: where it stands", "",
              "Written by `python -m benchmarks.allmrec_summary` from the runs stored under `results/allmrec_runs/` "
-             "(each run's JSON holds its settings). Hit@1 ± binomial SE; every row of a column ranks the same "
+             f"(each run's JSON holds its settings; run on {cpu} with {', '.join(flags)}, fp32 LLMs, threads per run "
+             "in each source table). Hit@1 ± binomial SE; every row of a column ranks the same "
              "users and the same seeded negatives. The oracles (can a soft token carry information into the "
              "LLM at all?) are in [allmrec_oracle.md](allmrec_oracle.md); what the best row ranks by is in "
              "[allmrec_score_sources_ml-100k.md](allmrec_score_sources_ml-100k.md).", ""]
